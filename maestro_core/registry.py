@@ -329,10 +329,10 @@ def _parse_expert(v: _Validator, e: Any, i: int, vocab: Mapping[str, str]) -> Ex
     entry = f"experts[{i}]"
     if not isinstance(e, dict):
         raise v.err("each expert must be a mapping.", entry=entry, fix="write 'name:', 'backend:', 'capabilities:' keys.")
-    v.allowed(e, entry, {"name", "description", "backend", "capabilities", "price", "timeout_s",
-                         "max_concurrency", "deterministic"})
     name = v.string(e, entry, "name", name=True)
     entry = f"experts[{i}] {name}"
+    v.allowed(e, entry, {"name", "description", "backend", "capabilities", "price", "timeout_s",
+                         "max_concurrency", "deterministic"})
     backend = e.get("backend")
     if not isinstance(backend, dict) or backend.get("kind") not in BACKENDS:
         raise v.err(f"must be a mapping with 'kind' one of {list(BACKENDS)}.", entry=entry, field="backend.kind",
@@ -371,9 +371,9 @@ def _parse_skill(v: _Validator, s: Any, i: int, vocab: Mapping[str, str], expert
     entry = f"skills[{i}]"
     if not isinstance(s, dict):
         raise v.err("each skill must be a mapping.", entry=entry, fix="write 'name:', 'requires:', 'solvers:' keys.")
-    v.allowed(s, entry, {"name", "description", "requires", "solvers", "default_solver", "dispatch"})
     name = v.string(s, entry, "name", name=True)
     entry = f"skill {name}"
+    v.allowed(s, entry, {"name", "description", "requires", "solvers", "default_solver", "dispatch"})
     requires = v.caps(s, entry, "requires", vocab, required=False)
     sv_raw = s.get("solvers")
     if not isinstance(sv_raw, list) or not sv_raw:
@@ -384,9 +384,9 @@ def _parse_skill(v: _Validator, s: Any, i: int, vocab: Mapping[str, str], expert
         sentry = f"skill {name}/solvers[{j}]"
         if not isinstance(sv, dict):
             raise v.err("each solver must be a mapping.", entry=sentry, fix="write 'name:' and 'steps:' keys.")
-        v.allowed(sv, sentry, {"name", "description", "requires", "steps"})
         sname = v.string(sv, sentry, "name", name=True)
         sentry = f"skill {name}/{sname}"
+        v.allowed(sv, sentry, {"name", "description", "requires", "steps"})
         if sname in solvers:
             raise v.err(f"duplicate solver name '{sname}'.", entry=sentry, field="name", fix="give each solver of a skill a unique name.")
         sreq = v.caps(sv, sentry, "requires", vocab, required=False)

@@ -14,7 +14,7 @@ Token fields are empty tuples for policies that have no tokens (the scripted pol
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import pyarrow as pa
 
@@ -50,7 +50,8 @@ class StepRecord:
     latency_s: float = 0.0
     """The call's latency (original latency even on a cache hit)."""
     spent_s: float = 0.0
-    """Seconds actually spent on this call now (near 0 on a cache hit)."""
+    """Expert compute this call actually cost now: the run time on a miss, the lookup time on a
+    hit, 0 when it shared an identical call in flight."""
     cache_hit: bool | None = None
     """True/False for cached-or-not calls; None for turns without a call or uncacheable calls."""
     tokens_in: int = 0
@@ -115,8 +116,9 @@ class Trajectory:
         return out
 
     def to_row(self) -> dict:
-        row = asdict(self)
-        row["steps"] = [asdict(s) for s in self.steps]
+        # plain attribute reads: dataclasses.asdict deep-copies and is ~5x slower
+        row = {n: getattr(self, n) for n in _TRAJ_FIELDS}
+        row["steps"] = [{n: getattr(s, n) for n in _STEP_FIELDS} for s in self.steps]
         return row
 
     @classmethod
@@ -129,6 +131,8 @@ class Trajectory:
 
 
 _TUPLE_STEP = {"completion_ids", "logprobs", "observation_ids"}
+_STEP_FIELDS = tuple(f.name for f in fields(StepRecord))
+_TRAJ_FIELDS = tuple(f.name for f in fields(Trajectory))
 
 
 def episode_id(run_id: str, iteration: int, item_id: str, sample_index: int) -> str:

@@ -1,0 +1,96 @@
+"""Tools: plain Python functions that solver steps run (`tool:` steps in a registry).
+
+A tool is `fn(text: str, images: list[Path], **args) -> ToolOutput | str`. It computes only
+from what it receives (the rendered step input and the episode's images). `TOOLS` maps the
+names a registry may use to the functions; registries are validated against it.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class ToolOutput:
+    text: str
+    confidence: float | None = None
+    images: tuple[Path, ...] | None = None
+    """Images for the following steps (e.g. a crop); None keeps the current ones."""
+
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def extract_number(text: str, images: list[Path], which: str = "last") -> ToolOutput:
+    """The first or last number in the text, commas removed; '' when there is none."""
+    nums = _NUMBER.findall(text)
+    if not nums:
+        return ToolOutput("", confidence=0.0)
+    return ToolOutput((nums[0] if which == "first" else nums[-1]).replace(",", ""))
+
+
+_OPS: dict[type, Callable] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+_EXPR = re.compile(r"[-+*/×÷^().%\d\s]+")
+
+
+def _eval(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _eval(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return Fraction(str(node.value))
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        left, right = _eval(node.left), _eval(node.right)
+        if isinstance(node.op, ast.Pow):
+            if right.denominator != 1 or abs(right) > 64 or abs(left) > 10**12:
+                raise ValueError("exponent too large or not an integer")
+            return left ** int(right)
+        return Fraction(_OPS[type(node.op)](left, right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_eval(node.operand))
+    raise ValueError(f"unsupported expression element {type(node).__name__}")
+
+
+def format_number(x: Fraction) -> str:
+    if x.denominator == 1:
+        return str(x.numerator)
+    f = float(x)
+    return f"{f:.6g}" if math.isfinite(f) else str(f)
+
+
+def calculate(text: str, images: list[Path]) -> ToolOutput:
+    """Evaluate the longest arithmetic expression in the text exactly (+ - * / // % ** ^ × ÷)."""
+    candidates = sorted((m.group(0).strip() for m in _EXPR.finditer(text)), key=len, reverse=True)
+    for expr in candidates:
+        if not re.search(r"\d", expr):
+            continue
+        src = expr.replace("×", "*").replace("÷", "/").replace("^", "**")
+        try:
+            value = _eval(ast.parse(src, mode="eval"))
+        except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError):
+            continue
+        return ToolOutput(format_number(value), confidence=1.0)
+    return ToolOutput("no arithmetic expression found", confidence=0.0)
+
+
+def strip_code_fences(text: str, images: list[Path]) -> ToolOutput:
+    """The code inside the first ``` fence, or the text itself."""
+    m = re.search(r"```(?:python|py)?\s*\n(.*?)```", text, flags=re.DOTALL)
+    return ToolOutput(m.group(1) if m else text)
+
+
+TOOLS: dict[str, Callable[..., ToolOutput | str]] = {
+    "extract_number": extract_number,
+    "calculate": calculate,
+    "strip_code_fences": strip_code_fences,
+}

@@ -1,0 +1,138 @@
+"""TransformersExpert on a tiny Llama built from a config (no hub access, builds in ~1 s)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from maestro_core.errors import ExpertError, ExpertTimeout
+from maestro_core.experts import build_expert
+from maestro_core.experts.transformers import TransformersExpert
+from maestro_core.registry import Expert, Price
+
+SENTENCES = [
+    "The capital of France is Paris.",
+    "Two plus two equals four.",
+    "Read the text in the image and answer the question.",
+    "A small model answers short questions about numbers and words.",
+    "user assistant system: hello, how are you today?",
+] * 4
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+USER = [{"role": "user", "content": "What is two plus two?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama and a byte-level BPE tokenizer with a chat template, saved to disk."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return path
+
+
+def make_spec(model: Path | str, *, timeout_s: float = 30.0, **backend: object) -> Expert:
+    settings = {"kind": "transformers", "model": str(model), "max_new_tokens": 8, **backend}
+    return Expert(name="tiny", description="tiny llama", kind="transformers", backend=MappingProxyType(settings),
+                  capabilities=frozenset({"text"}), price=Price(input_per_1m=1.0, output_per_1m=3.0),
+                  timeout_s=timeout_s, max_concurrency=1)
+
+
+def prompt_len(model: Path, messages: list[dict], template: bool = True) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    if template:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+    return len(tok("\n".join(m["content"] for m in messages))["input_ids"])
+
+
+async def test_generates_counts_prices_and_is_confident(tiny_model: Path) -> None:
+    expert = build_expert(make_spec(tiny_model))
+    assert isinstance(expert, TransformersExpert)
+    r = await expert.generate(USER)
+    assert isinstance(r.text, str)
+    assert r.tokens_in == prompt_len(tiny_model, USER)
+    assert 1 <= r.tokens_out <= 8
+    assert r.cost == pytest.approx(expert.spec.price.cost(r.tokens_in, r.tokens_out))
+    assert r.confidence is not None and 0.0 <= r.confidence <= 1.0
+    assert r.latency_s > 0 and r.attempts == 1
+
+
+async def test_greedy_is_deterministic_and_serialised(tiny_model: Path) -> None:
+    expert = TransformersExpert(make_spec(tiny_model))
+    replies = await asyncio.gather(*[expert.generate(USER) for _ in range(3)])
+    assert len({(r.text, r.tokens_out, r.confidence) for r in replies}) == 1
+
+
+async def test_without_chat_template_joins_contents(tiny_model: Path) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, *USER]
+    plain = await TransformersExpert(make_spec(tiny_model, use_chat_template=False)).generate(msgs)
+    templated = await TransformersExpert(make_spec(tiny_model)).generate(msgs)
+    assert plain.tokens_in == prompt_len(tiny_model, msgs, template=False)
+    assert templated.tokens_in == prompt_len(tiny_model, msgs, template=True)
+    assert plain.tokens_in != templated.tokens_in
+
+
+async def test_images_are_mentioned_not_seen(tiny_model: Path, tmp_path: Path) -> None:
+    expert = TransformersExpert(make_spec(tiny_model))
+    await expert.load()
+    prompt, _ = expert._prompt(USER, 2)
+    assert "What is two plus two?\n[image 1] [image 2]" in prompt
+    with_images = await expert.generate(USER, images=[tmp_path / "a.png", tmp_path / "b.png"])
+    without = await expert.generate(USER)
+    assert with_images.tokens_in > without.tokens_in
+
+
+async def test_bfloat16(tiny_model: Path) -> None:
+    r = await TransformersExpert(make_spec(tiny_model, dtype="bfloat16", max_new_tokens=4)).generate(USER)
+    assert 1 <= r.tokens_out <= 4 and 0.0 <= r.confidence <= 1.0
+
+
+async def test_timeout(tiny_model: Path) -> None:
+    expert = TransformersExpert(make_spec(tiny_model, timeout_s=0.001, max_new_tokens=200))
+    await expert.load()  # loading is not bounded by timeout_s, generation is
+    with pytest.raises(ExpertTimeout, match="longer than"):
+        await expert.generate(USER)
+    # the timed-out generation was told to stop; the expert keeps working
+    fast = TransformersExpert(make_spec(tiny_model))
+    assert (await fast.generate(USER)).tokens_out >= 1
+
+
+async def test_load_error_names_model_and_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    expert = TransformersExpert(make_spec(missing))
+    with pytest.raises(ExpertError) as info:
+        await expert.generate(USER)
+    msg = str(info.value)
+    assert str(missing) in msg and "Fix:" in msg and "expert 'tiny'" in msg
+
+
+def test_bad_dtype_is_rejected(tiny_model: Path) -> None:
+    with pytest.raises(ExpertError, match="dtype"):
+        TransformersExpert(make_spec(tiny_model, dtype="int3"))
