@@ -83,8 +83,8 @@ Normalisation rules
     one '=' and a plain variable name on the left becomes RHS.
   - LaTeX-light: \\frac, \\dfrac, \\tfrac (also \\frac12), \\sqrt{.}, \\sqrt[n]{.}, \\cdot,
     \\times, \\div, \\pi, \\infty, ^, {}, \\mathrm{}/\\mathbf{}/\\textbf{} and Greek letters.
-    Any other command, a comma, '=', '!', or "2 3" (digits split by a space) makes the text
-    unparseable. Plain text is parsed by sympy's parse_expr with implicit multiplication
+    Any other command, a comma, '=', '!', '//', '()', or "2 3" (digits split by a space)
+    makes the text unparseable; leading zeros are dropped ("05" is 5). Plain text is parsed by sympy's parse_expr with implicit multiplication
     ("2x", "2(x+1)", "x(y+1)") but without splitting names ("xy" is one symbol).
   - Bounded parsing (sympy can hang or exhaust memory): at most ``MATH_MAX_CHARS`` (200)
     characters after preparation; only digits, ASCII letters, + - * / ( ) . and spaces
@@ -478,8 +478,7 @@ def _group(s: str, i: int) -> tuple[str | None, int]:
         return None, len(s)
     if s[i] == "\\":
         m = _CMD_RE.match(s, i)
-        assert m is not None  # a backslash always matches "\\."
-        return m[0], m.end()
+        return (m[0], m.end()) if m is not None else (None, len(s))
     return s[i], i + 1
 
 
@@ -550,6 +549,8 @@ _ASSIGN_LHS = re.compile(r"\s*[A-Za-z][A-Za-z0-9]*\s*")
 _THOUSANDS = re.compile(r"(?<![0-9.,])[0-9]{1,3}(?:,[0-9]{3})+(?![0-9,])")
 _PLAIN_OK = re.compile(r"[0-9A-Za-z+\-*/(). ]*")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_LEADING_ZEROS = re.compile(r"(?<![0-9.A-Za-z_])0+(?=[0-9])")
+_SCI_EXP = re.compile(r"(?<![A-Za-z0-9_])(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][+-]?([0-9]+)")
 _DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
 
 
@@ -576,10 +577,16 @@ def _to_plain(text: str) -> str | None:
     if plain is None or not plain.strip():
         return None
     plain = " ".join(plain.split())
-    if not _PLAIN_OK.fullmatch(plain) or re.search(r"[0-9.] +[0-9.]", plain):
-        return None  # "2 3" would silently become 6
+    if not _PLAIN_OK.fullmatch(plain) or re.search(r"[0-9.] +[0-9.]", plain) or "//" in plain:
+        return None  # "2 3" would silently become 6; "//" is Python's floor division
+    if re.search(r"\(\s*\)", plain):
+        return None  # "()" is a Python tuple, not an expression
+    plain = _LEADING_ZEROS.sub("", plain)  # Python rejects "05"; a prediction may say it
     if re.search(r"\.(?![0-9])", plain):
         return None  # a '.' not followed by a digit could be attribute access
+    for m in _SCI_EXP.finditer(plain):
+        if len(m[1]) > 6 or int(m[1]) > MATH_MAX_DIGITS:
+            return None  # sympy's Float("1e999999999") builds a billion-digit integer
     return plain
 
 
@@ -590,7 +597,7 @@ def _size(expr: Any, sympy: Any) -> float:
     elif expr.is_Rational:
         size = max(1.0, (abs(int(expr.p)).bit_length() + int(expr.q).bit_length()) * 0.30103)
     elif expr.is_Float:
-        _, man, exp, bc = expr._mpf_ if len(expr._mpf_) == 4 else (0, 0, 0, 0)
+        _, _, exp, bc = expr._mpf_  # binary exponent and mantissa bit count
         size = max(1.0, abs(exp + bc) * 0.30103)
     elif expr.is_Pow:
         base, exp = expr.args
@@ -616,6 +623,13 @@ def _size(expr: Any, sympy: Any) -> float:
 
 def _parse_math(text: str) -> Any | None:
     """A sympy expression for ``text``, or None when it is not (safely) parseable."""
+    try:
+        return _parse_math_unguarded(text)
+    except Exception:  # noqa: BLE001 - any failure on any text means "unparseable", never a crash
+        return None
+
+
+def _parse_math_unguarded(text: str) -> Any | None:
     plain = _to_plain(text)
     if plain is None:
         return None
@@ -639,7 +653,7 @@ def _parse_math(text: str) -> Any | None:
         expr = parse(True)
     except Exception:  # noqa: BLE001 - any parser/sympy failure means "unparseable"
         return None
-    return expr if isinstance(expr, sympy.Basic) else None
+    return expr if isinstance(expr, sympy.Expr) else None
 
 
 def _values_close(va: Any, vb: Any, rel_tol: float, abs_tol: float) -> bool | None:
