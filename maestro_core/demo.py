@@ -22,10 +22,9 @@ from maestro_core.episode import EpisodeConfig, EpisodeRunner
 from maestro_core.experts import build_experts
 from maestro_core.policy import EpisodeView, ScriptedPolicy, information_text
 from maestro_core.protocol import unescape
-from maestro_core.registry import Registry, load_registry
+from maestro_core.registry import DEFAULT_REGISTRY, Registry, load_registry
 from maestro_core.store import Store
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "registry" / "maestro-mini.yaml"
 _WORDS = "orchestra expert skill route answer policy reward token cache model chart digit".split()
 
 

@@ -25,6 +25,9 @@ import yaml
 
 from maestro_core.errors import ConfigError
 
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "registry" / "maestro-mini.yaml"
+"""The embedded default registry (Maestro-Mini)."""
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 BACKENDS = ("http", "transformers", "python")
 BACKEND_REQUIRED = {

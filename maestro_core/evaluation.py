@@ -1,0 +1,297 @@
+"""Evaluation: the policy beside every baseline, on the same harness, with cost and latency.
+
+Baselines:
+- `expert:<E>@@<S>`: every compatible level-1 pair alone: one call with the question, then
+  the pair's output is the answer. These results form the *pair table*: every (item, pair)
+  is computed once (through the expert-call cache) and shared by all baselines below.
+- `oracle`: per item, the cheapest pair that answered correctly (wrong where none did): the
+  ceiling of per-query routing, and its cost floor.
+- `random`: a uniformly random valid pair per item (seeded).
+- `router:knn`, `router:mlp`: per-query routers over MiniLM embeddings of what the policy
+  sees on its first turn, trained on train-split items labelled with their oracle pair.
+
+`metrics.json` follows DESIGN.md section 8: one entry per system under "systems" with
+accuracy, cost_per_task, calls_per_task, turns_per_task, latency_p50_s, latency_p95_s,
+error_rate and per_benchmark.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from maestro_core.cache import ExpertCache
+from maestro_core.dataset import Item
+from maestro_core.episode import EpisodeConfig, EpisodeRunner, build_messages
+from maestro_core.experts.base import ExpertBackend
+from maestro_core.policy import EpisodeView, PolicyTurn, information_text, question_of
+from maestro_core.protocol import unescape
+from maestro_core.registry import Registry
+from maestro_core.trajectory import Trajectory
+
+ERROR_KINDS = ("timeout", "expert_error")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = field(default="test", metadata={"help": "Split to evaluate (ignored for --data files)."})
+    routers: tuple[str, ...] = field(default=("knn", "mlp"), metadata={"help": "Per-query routers to train."})
+    router_train_per_benchmark: int = field(default=20, metadata={
+        "help": "Train-split items per benchmark used to label and train the routers."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random router and the router training subset."})
+    episode: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(max_turns=2), metadata={
+        "help": "Episode settings of the single-pair runs (one call, then the answer)."})
+
+
+class FixedRoutePolicy:
+    """Calls `route(question)` once with the question, then answers with what came back.
+
+    The baselines' policy: no learning, no tokens. An error observation gives 'unknown'."""
+
+    def __init__(self, route: Callable[[str], str], checkpoint_id: str = "baseline"):
+        self.route, self.checkpoint_id = route, checkpoint_id
+
+    async def act(self, messages, view: EpisodeView) -> PolicyTurn:
+        question = question_of(messages)
+        if view.turn == 0:
+            return PolicyTurn(f"<call>{self.route(question)}: {question}</call>")
+        info = information_text(messages[-1]["content"])
+        text = unescape(info).strip() if info and not info.startswith("error (") else ""
+        return PolicyTurn(f"<answer>{text or 'unknown'}</answer>")
+
+    def encode_prompt(self, messages):
+        return ()
+
+    def encode_observation(self, message):
+        return ()
+
+
+def level1_pairs(registry: Registry) -> list[str]:
+    return [a for a in registry.grammar().actions if "/" not in a]
+
+
+async def pair_table(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], *,
+                     cache: ExpertCache, run_id: str, pairs: Sequence[str] | None = None,
+                     config: EpisodeConfig | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict[str, list[Trajectory]]:
+    """Run every pair on every item (one episode each). Returns pair -> trajectories in item order."""
+    pairs = list(pairs or level1_pairs(registry))
+    out: dict[str, list[Trajectory]] = {}
+    for k, pair in enumerate(pairs):
+        t0 = time.perf_counter()
+        runner = EpisodeRunner(registry, experts, FixedRoutePolicy(lambda q, p=pair: p), cache=cache,
+                               config=config or EvalConfig().episode)
+        # chunk = the pair's index, so every pair's episodes have their own ids and shard
+        trajs = await runner.run(items, run_id=run_id, iteration=0, chunk=k)
+        out[pair] = trajs
+        if progress:
+            acc = sum(t.outcome for t in trajs) / max(1, len(trajs))
+            progress(f"[{k + 1}/{len(pairs)}] {pair}: accuracy {acc:.3f} on {len(trajs)} items "
+                     f"({time.perf_counter() - t0:.1f} s, cache hits {sum(t.n_cache_hits for t in trajs)})")
+    return out
+
+
+def oracle_choice(table: Mapping[str, Sequence[Trajectory]], i: int) -> str:
+    """The cheapest pair that answered item i correctly; the cheapest pair when none did."""
+    def key(p):
+        t = table[p][i]
+        return (-t.outcome, t.total_cost, t.total_latency_s, p)
+    return min(table, key=key)
+
+
+def router_text(registry: Registry, item: Item) -> str:
+    """What the policy sees on its first turn about the task (the user message)."""
+    return build_messages(registry, item)[1]["content"]
+
+
+def select(table: Mapping[str, Sequence[Trajectory]], choices: Sequence[str]) -> list[Trajectory]:
+    return [table[p][i] for i, p in enumerate(choices)]
+
+
+def baseline_systems(registry: Registry, items: Sequence[Item], table: Mapping[str, Sequence[Trajectory]], *,
+                     train_items: Sequence[Item] = (), train_table: Mapping[str, Sequence[Trajectory]] | None = None,
+                     routers: Sequence[str] = ("knn", "mlp"), seed: int = 0,
+                     embedder=None) -> dict[str, tuple[list[Trajectory], list[str]]]:
+    """system name -> (one trajectory per item, the route taken per item)."""
+    systems: dict[str, tuple[list[Trajectory], list[str]]] = {}
+    for p in table:
+        systems[f"expert:{p}"] = (list(table[p]), [p] * len(items))
+    oracle = [oracle_choice(table, i) for i in range(len(items))]
+    systems["oracle"] = (select(table, oracle), oracle)
+    pairs = sorted(table)
+    rand = [random.Random(f"{seed}:{it.id}").choice(pairs) for it in items]
+    systems["random"] = (select(table, rand), rand)
+    if routers and train_items and train_table:
+        labelled = [(it, oracle_choice(train_table, i)) for i, it in enumerate(train_items)
+                    if any(train_table[p][i].outcome > 0 for p in train_table)]
+        if labelled:
+            from maestro_core.routers import Embedder, train_router
+            emb = embedder or Embedder()
+            X = emb.encode([router_text(registry, it) for it, _ in labelled])
+            Xt = emb.encode([router_text(registry, it) for it in items])
+            for kind in routers:
+                r = train_router(kind, X, [lab for _, lab in labelled], seed=seed)
+                route = r.predict(Xt)
+                systems[f"router:{kind}"] = (select(table, route), route)
+    return systems
+
+
+def _pct(xs: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs, dtype=float), q)) if xs else 0.0
+
+
+def system_metrics(trajs: Sequence[Trajectory], routes: Sequence[str] | None = None) -> dict:
+    n = max(1, len(trajs))
+    per_bench: dict[str, list[float]] = {}
+    for t in trajs:
+        per_bench.setdefault(t.benchmark, []).append(t.outcome)
+    lat = [t.total_latency_s for t in trajs]
+    calls = [s for t in trajs for s in t.steps if s.action == "call"]
+    m = {
+        "accuracy": sum(t.outcome for t in trajs) / n,
+        "mean_reward": sum(t.reward for t in trajs) / n,
+        "cost_per_task": sum(t.total_cost for t in trajs) / n,
+        "calls_per_task": sum(t.n_calls for t in trajs) / n,
+        "turns_per_task": sum(len(t.steps) for t in trajs) / n,
+        "latency_p50_s": _pct(lat, 50),
+        "latency_p95_s": _pct(lat, 95),
+        "error_rate": sum(1 for s in calls if s.error in ERROR_KINDS) / max(1, len(calls)),
+        "per_benchmark": {b: sum(v) / len(v) for b, v in sorted(per_bench.items())},
+        "n_items": len(trajs),
+    }
+    if routes is not None:
+        counts: dict[str, int] = {}
+        for r in routes:
+            counts[r] = counts.get(r, 0) + 1
+        m["routes"] = dict(sorted(counts.items()))
+    return m
+
+
+def write_outputs(out: Path, *, systems: Mapping[str, tuple[list[Trajectory], list[str]]], items: Sequence[Item],
+                  split: str, registry: Registry, checkpoint: str, extra: Mapping | None = None) -> dict:
+    """Write metrics.json, results.csv and report.md into `out`; return the metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"split": split, "n_items": len(items), "registry_version": registry.version,
+               "checkpoint": checkpoint, "systems": {}, **(extra or {})}
+    for name, (trajs, routes) in systems.items():
+        metrics["systems"][name] = system_metrics(trajs, routes)
+    singles = {k: v["accuracy"] for k, v in metrics["systems"].items() if k.startswith("expert:")}
+    if singles and "oracle" in metrics["systems"]:
+        best = max(singles, key=singles.get)
+        metrics["best_single"] = {"system": best, "accuracy": singles[best]}
+        metrics["oracle_gap"] = metrics["systems"]["oracle"]["accuracy"] - singles[best]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["system", "item_id", "benchmark", "route", "prediction", "answer", "correct", "cost",
+                    "latency_s", "calls", "turns", "error", "episode_id"])
+        for name, (trajs, routes) in systems.items():
+            for it, t, r in zip(items, trajs, routes):
+                err = next((s.error for s in t.steps if s.error), "")
+                w.writerow([name, it.id, it.benchmark, r, t.final_answer or "", it.answer, t.outcome,
+                            f"{t.total_cost:.8f}", f"{t.total_latency_s:.4f}", t.n_calls, len(t.steps), err,
+                            t.episode_id])
+    (out / "report.md").write_text(format_report(metrics))
+    return metrics
+
+
+def format_report(metrics: Mapping) -> str:
+    benches = sorted({b for s in metrics["systems"].values() for b in s["per_benchmark"]})
+    lines = [f"# Evaluation: split {metrics['split']}, {metrics['n_items']} items",
+             f"registry {metrics['registry_version']}, checkpoint {metrics['checkpoint']}", "",
+             "| system | accuracy | cost/task $ | calls/task | latency p50 s | p95 s | errors | "
+             + " | ".join(benches) + " |",
+             "|---" * (6 + len(benches)) + "|"]
+    order = sorted(metrics["systems"].items(), key=lambda kv: -kv[1]["accuracy"])
+    for name, m in order:
+        lines.append(f"| {name} | {m['accuracy']:.3f} | {m['cost_per_task']:.6f} | {m['calls_per_task']:.2f} | "
+                     f"{m['latency_p50_s']:.3f} | {m['latency_p95_s']:.3f} | {m['error_rate']:.3f} | "
+                     + " | ".join(f"{m['per_benchmark'].get(b, float('nan')):.2f}" for b in benches) + " |")
+    if "best_single" in metrics:
+        lines += ["", f"Best single pair: {metrics['best_single']['system']} "
+                      f"({metrics['best_single']['accuracy']:.3f}); oracle - best single = {metrics['oracle_gap']:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, home: str | Path | None = None,
+                   split: str = "test", data: str | Path | None = None, checkpoint: str = "none",
+                   baselines: bool = True, config: EvalConfig | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """`maestro eval`: evaluate on the suite's split (built when missing) or a JSONL file."""
+    import asyncio
+
+    from maestro_core.dataset import load_jsonl
+    from maestro_core.errors import ConfigError
+    from maestro_core.experts import build_experts
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.store import Store
+    from maestro_core.suite import ensure_suite
+
+    config = config or EvalConfig(split=split)
+    if checkpoint not in ("none",):
+        raise ConfigError(f"checkpoint '{checkpoint}' cannot be evaluated yet: no trained policy exists in "
+                          "this version.", field="--checkpoint", fix="use --checkpoint none (baselines only).")
+    if not baselines:
+        raise ConfigError("nothing to evaluate: no checkpoint and no baselines.", field="--baselines",
+                          fix="pass --baselines.")
+    registry = load_registry(registry_path or DEFAULT_REGISTRY)
+    with Store(home) as store:
+        store.record_registry(registry)
+        if data is not None:
+            items = load_jsonl(data, quarantine=lambda where, why: store.record_quarantine(str(data), where, why))
+            train: list[Item] = []
+            split = "data"
+        else:
+            suite = ensure_suite(store, log=log)
+            items = [it for it in suite if it.split == split]
+            if not items:
+                raise ConfigError(f"the suite has no '{split}' items.", field="--split", fix="use train, val or test.")
+            rng = random.Random(config.seed)
+            by_bench: dict[str, list[Item]] = {}
+            for it in suite:
+                if it.split == "train":
+                    by_bench.setdefault(it.benchmark, []).append(it)
+            train = [it for b in sorted(by_bench) for it in
+                     rng.sample(by_bench[b], min(config.router_train_per_benchmark, len(by_bench[b])))]
+        run_id = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+        store.record_run(run_id, "eval", {"split": split, "data": str(data) if data else None,
+                                          "checkpoint": checkpoint, "n_items": len(items)}, registry.version)
+        cache = ExpertCache(store)
+        experts = build_experts(registry)
+        log(f"evaluating {len(items)} items x {len(level1_pairs(registry))} expert@@skill pairs "
+            f"(+ {len(train)} train items for the routers); every call goes through the cache")
+
+        async def tables():
+            try:
+                t = await pair_table(registry, experts, items, cache=cache, run_id=run_id, config=config.episode,
+                                     progress=log)
+                tt = None
+                if train and config.routers:
+                    log("router training labels (train split):")
+                    tt = await pair_table(registry, experts, train, cache=cache, run_id=run_id + "-train",
+                                          config=config.episode, progress=log)
+                return t, tt
+            finally:
+                for e in experts.values():
+                    await e.aclose()
+
+        table, train_table = asyncio.run(tables())
+        cache.flush()
+        for k, pair in enumerate(table):
+            store.write_and_ingest(table[pair], run_id, 0, k)
+        systems = baseline_systems(registry, items, table, train_items=train, train_table=train_table,
+                                   routers=config.routers, seed=config.seed)
+        metrics = write_outputs(Path(out), systems=systems, items=items, split=split, registry=registry,
+                                checkpoint=checkpoint, extra={"run_id": run_id})
+        for name, m in metrics["systems"].items():
+            store.record_eval(run_id, name, split, "all", m)
+        store.set_run_status(run_id, "completed")
+    log(format_report(metrics))
+    return metrics
