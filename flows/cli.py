@@ -1,7 +1,10 @@
 """The `maestro` command (installed into .venv/bin by `make setup`).
 
-    maestro registry validate FILE     check a registry; exit 1 with the entry, field and fix
+    maestro registry validate FILE     check a registry; exit non-zero with the entry, field and fix
     maestro registry publish FILE      record a new registry version in the store
+    maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
+    maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
+    maestro eval [--checkpoint none] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
     maestro demo                       run the foundation demo on the embedded default
 
 It lives on the top floor (flows/) because its commands start flows; the logic is in
@@ -36,6 +39,58 @@ def _publish(args) -> int:
     return 0
 
 
+def _build_dataset(args) -> int:
+    from maestro_core.config import build, load_config
+    from maestro_core.store import Store
+    from maestro_core.suite import SuiteConfig, build_suite
+    cfg = load_config(args.config)
+    suite_cfg = build(SuiteConfig, cfg.section("suite"), source=cfg.source, section="suite")
+    with Store(args.home or cfg.home) as store:
+        res = build_suite(suite_cfg, store.home, object_store=store.objects, progress=_progress("build"))
+    print(f"built suite version {res.version}: " + ", ".join(f"{k} {v}" for k, v in res.counts.items()))
+    return 0
+
+
+def _warm_up(args) -> int:
+    import asyncio
+
+    from maestro_core.experts import build_experts
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.store import Store
+    from maestro_core.warmup import format_stats_table, warm_up
+    reg = load_registry(args.registry or DEFAULT_REGISTRY)
+    with Store(args.home) as store:
+        store.record_registry(reg)
+        stats = asyncio.run(warm_up(reg, build_experts(reg), store))
+    print(format_stats_table(stats))
+    return 0
+
+
+def _eval(args) -> int:
+    from maestro_core.config import build, load_config
+    from maestro_core.evaluation import EvalConfig, run_evaluation
+    cfg = load_config(args.config)
+    ev = cfg.section("eval")
+    ev.setdefault("split", args.split)
+    run_evaluation(out=args.out, registry_path=args.registry or cfg.registry, home=args.home or cfg.home,
+                   split=args.split, data=args.data, checkpoint=args.checkpoint, baselines=args.baselines,
+                   config=build(EvalConfig, ev, source=cfg.source, section="eval"))
+    print(f"wrote {args.out}/metrics.json, report.md, results.csv")
+    return 0
+
+
+def _progress(stage: str):
+    last = {"t": 0.0}
+
+    def report(done: int, total: int, what: str = "") -> None:
+        import time
+        now = time.monotonic()
+        if done == total or now - last["t"] > 2.0:
+            last["t"] = now
+            print(f"  {stage} {what} {done}/{total}", flush=True)
+    return report
+
+
 def _demo(args) -> int:
     from maestro_core.demo import run_demo
     run_demo(home=args.home, n_items=args.items, group_size=args.group_size, seed=args.seed)
@@ -55,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     pub = regsub.add_parser("publish", help="record a new registry version")
     pub.add_argument("file")
     pub.set_defaults(func=_publish)
+
+    b = sub.add_parser("build-dataset", help="build the Maestro-Mini benchmark suite")
+    b.add_argument("--config", default=None, help="YAML config (section 'suite')")
+    b.set_defaults(func=_build_dataset)
+
+    w = sub.add_parser("warm-up", help="load and probe every expert; record latency and cost")
+    w.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
+    w.set_defaults(func=_warm_up)
+
+    e = sub.add_parser("eval", help="evaluate baselines (and later the policy)")
+    e.add_argument("--config", default=None, help="YAML config (sections 'registry', 'suite', 'eval')")
+    e.add_argument("--checkpoint", default="none", help="none (baselines only) | latest | best | PATH")
+    e.add_argument("--baselines", action="store_true", help="evaluate every baseline")
+    e.add_argument("--split", default="test", help="train | val | test (default test)")
+    e.add_argument("--data", default=None, help="a JSONL dataset file instead of the suite")
+    e.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.set_defaults(func=_eval)
 
     d = sub.add_parser("demo", help="run the foundation demo on the embedded default")
     d.add_argument("--items", type=int, default=40, help="benchmark items (default 40)")

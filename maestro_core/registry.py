@@ -117,11 +117,16 @@ class Skill:
     """(regex, solver) rules tried in order on the call input when the policy names only the
     level-1 skill; the default solver when none matches."""
 
-    def pick_solver(self, call_input: str) -> Solver:
+    def pick_solver(self, call_input: str, runnable: frozenset[str] | None = None) -> Solver:
+        """The first dispatch rule matching the input, else the default solver, among the
+        solvers the chosen expert can run (`runnable`; all when None)."""
+        ok = (lambda name: runnable is None or name in runnable)
         for pattern, solver in self.dispatch:
-            if re.search(pattern, call_input, flags=re.IGNORECASE):
+            if ok(solver) and re.search(pattern, call_input, flags=re.IGNORECASE):
                 return self.solvers[solver]
-        return self.solvers[self.default_solver]
+        if ok(self.default_solver):
+            return self.solvers[self.default_solver]
+        return next(sv for name, sv in self.solvers.items() if ok(name))
 
 
 @dataclass(frozen=True)
@@ -165,15 +170,15 @@ class Registry:
 
     # -- compatibility --------------------------------------------------------------------
     def compatible(self, expert: str, skill: str, solver: str | None = None) -> bool:
+        """Can `expert` run `skill` (a bare level-1 call: at least one of its solvers)?"""
+        if solver is None:
+            return bool(self.runnable_solvers(expert, skill))
         e, s = self.experts[expert], self.skills[skill]
-        need = set(s.requires)
-        if solver is not None:
-            need |= s.solvers[solver].requires
-        else:
-            # a bare level-1 call may dispatch to any of its solvers: all must be runnable
-            for sv in s.solvers.values():
-                need |= sv.requires
-        return need <= e.capabilities
+        return (s.requires | s.solvers[solver].requires) <= e.capabilities
+
+    def runnable_solvers(self, expert: str, skill: str) -> frozenset[str]:
+        e, s = self.experts[expert], self.skills[skill]
+        return frozenset(n for n, sv in s.solvers.items() if (s.requires | sv.requires) <= e.capabilities)
 
     def grammar(self) -> ActionGrammar:
         out = []

@@ -6,7 +6,8 @@ steps then run in order:
 
 - prompt: render the template and ask an expert (the chosen one, or the helper the step
   names) with the episode's images;
-- tool: run a Python tool from `maestro_core.tools` (it may replace the images, e.g. a crop);
+- tool: run a Python tool from `maestro_core.tools` (it may replace the images, e.g. a crop;
+  a tool with a `question` parameter also receives the call input);
 - code: run the rendered text as Python in the sandbox (no network, unprivileged, limited).
 
 Templates use `{input}`, `{prev}` and the `save_as` names of earlier steps. The result
@@ -52,7 +53,9 @@ def render(template: str, values: Mapping[str, str]) -> str:
 
 def resolve_solver(registry: Registry, call: Call) -> Solver:
     skill = registry.skills[call.skill]
-    return skill.solvers[call.solver] if call.solver else skill.pick_solver(call.input)
+    if call.solver:
+        return skill.solvers[call.solver]
+    return skill.pick_solver(call.input, registry.runnable_solvers(call.expert, call.skill))
 
 
 async def run_skill(registry: Registry, experts: Mapping[str, ExpertBackend], call: Call,
@@ -78,7 +81,7 @@ async def run_skill(registry: Registry, experts: Mapping[str, ExpertBackend], ca
             tokens_out += reply.tokens_out
             calls += 1
         elif step.kind == "tool":
-            res = await _run_tool(step, text, imgs)
+            res = await _run_tool(step, text, imgs, call.input)
             out = res.text
             confidence = res.confidence if res.confidence is not None else confidence
             if res.images is not None:
@@ -95,13 +98,16 @@ async def run_skill(registry: Registry, experts: Mapping[str, ExpertBackend], ca
                        expert_calls=calls)
 
 
-async def _run_tool(step: Step, text: str, images: list[Path]) -> ToolOutput:
+async def _run_tool(step: Step, text: str, images: list[Path], call_input: str) -> ToolOutput:
     fn = TOOLS[step.tool]
+    kwargs = dict(step.args)
+    if "question" in inspect.signature(fn).parameters:
+        kwargs["question"] = call_input  # tools that answer need what was asked
     if inspect.iscoroutinefunction(fn):
-        res = await fn(text, images, **step.args)
+        res = await fn(text, images, **kwargs)
     else:
         # tools may do real work (image crops, OCR post-processing): keep the loop free
-        res = await asyncio.to_thread(fn, text, images, **step.args)
+        res = await asyncio.to_thread(fn, text, images, **kwargs)
     return res if isinstance(res, ToolOutput) else ToolOutput(str(res))
 
 

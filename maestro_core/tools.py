@@ -89,8 +89,44 @@ def strip_code_fences(text: str, images: list[Path]) -> ToolOutput:
     return ToolOutput(m.group(1) if m else text)
 
 
+
+
+_CODE = re.compile(r"\b(?=[A-Z0-9-]*\d)(?=[A-Z0-9-]*[A-Z])[A-Z0-9]+(?:-[A-Z0-9]+)+\b|\b(?=\w*\d)(?=\w*[A-Z])[A-Z0-9]{4,}\b")
+
+
+def answer_from_lines(text: str, images: list[Path], question: str = "") -> ToolOutput:
+    """Pick what the question asks for from OCR lines: the first/last line, a code, a word,
+    or else all the text on one line. Works from the OCR text and the question only."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip() != "(no text found)"]
+    if not lines:
+        return ToolOutput("", confidence=0.0)
+    q = question.lower()
+    if "last line" in q or "bottom line" in q:
+        return ToolOutput(lines[-1])
+    if "first line" in q or "top line" in q or "title" in q:
+        return ToolOutput(lines[0])
+    if "code" in q:
+        codes = [m.group(0) for ln in lines for m in _CODE.finditer(ln)]
+        if codes:
+            return ToolOutput(codes[0])
+    if "digit" in q or "number" in q:
+        nums = _NUMBER.findall(" ".join(lines))
+        if len(nums) == 1:
+            return ToolOutput(nums[0].replace(",", ""))
+    if "word" in q and len(lines) == 1 and len(lines[0].split()) == 1:
+        return ToolOutput(lines[0])
+    return ToolOutput(" ".join(lines))
+
+
+def _zoom_box(text: str, images: list[Path], **kw) -> ToolOutput:
+    from maestro_core.imagetools import zoom_box  # OpenCV loads only when a solver zooms
+    return zoom_box(text, images, **kw)
+
+
 TOOLS: dict[str, Callable[..., ToolOutput | str]] = {
     "extract_number": extract_number,
     "calculate": calculate,
     "strip_code_fences": strip_code_fences,
+    "answer_from_lines": answer_from_lines,
+    "zoom_box": _zoom_box,
 }

@@ -1,0 +1,1 @@
+"""Benchmarks: loaders and metrics (public benchmarks live in ``maestro_core.benchmarks.public``)."""
