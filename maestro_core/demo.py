@@ -22,9 +22,10 @@ from maestro_core.episode import EpisodeConfig, EpisodeRunner
 from maestro_core.experts import build_experts
 from maestro_core.policy import EpisodeView, ScriptedPolicy, information_text
 from maestro_core.protocol import unescape
-from maestro_core.registry import DEFAULT_REGISTRY, Registry, load_registry
+from maestro_core.registry import Registry, load_registry
 from maestro_core.store import Store
 
+DEMO_REGISTRY = Path(__file__).resolve().parents[1] / "registry" / "demo-tools.yaml"
 _WORDS = "orchestra expert skill route answer policy reward token cache model chart digit".split()
 
 
@@ -62,7 +63,7 @@ def demo_router(question: str, observations: list[str], view: EpisodeView) -> st
     return f"<think>counting</think><call>counter@@text: {question}</call>"
 
 
-def run_demo(*, home: str | Path | None = None, registry_path: str | Path = DEFAULT_REGISTRY, n_items: int = 40,
+def run_demo(*, home: str | Path | None = None, registry_path: str | Path = DEMO_REGISTRY, n_items: int = 40,
              group_size: int = 4, seed: int = 0, log=print) -> dict:
     """Run the demo and return its summary (also printed through `log`)."""
     registry: Registry = load_registry(registry_path)

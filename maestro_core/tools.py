@@ -118,9 +118,22 @@ def answer_from_lines(text: str, images: list[Path], question: str = "") -> Tool
     return ToolOutput(" ".join(lines))
 
 
+def first_line(text: str, images: list[Path]) -> ToolOutput:
+    """The first non-empty line, without a trailing period (LMs ramble after their answer)."""
+    for ln in text.splitlines():
+        if ln.strip():
+            return ToolOutput(ln.strip().rstrip("."))
+    return ToolOutput("")
+
+
 def _zoom_box(text: str, images: list[Path], **kw) -> ToolOutput:
     from maestro_core.imagetools import zoom_box  # OpenCV loads only when a solver zooms
     return zoom_box(text, images, **kw)
+
+
+def _chart_answer(text: str, images: list[Path], question: str = "", kind: str = "value") -> ToolOutput:
+    from maestro_core.chart_reading import chart_answer
+    return chart_answer(text, images, question=question, kind=kind)
 
 
 TOOLS: dict[str, Callable[..., ToolOutput | str]] = {
@@ -128,5 +141,7 @@ TOOLS: dict[str, Callable[..., ToolOutput | str]] = {
     "calculate": calculate,
     "strip_code_fences": strip_code_fences,
     "answer_from_lines": answer_from_lines,
+    "first_line": first_line,
     "zoom_box": _zoom_box,
+    "chart_answer": _chart_answer,
 }
