@@ -32,7 +32,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 BACKENDS = ("http", "transformers", "python")
 BACKEND_REQUIRED = {
     "http": ("base_url", "model"),
-    "transformers": ("model",),
+    "transformers": (),  # one of model / package / assemble: checked below
     "python": ("callable",),
 }
 STEP_KINDS = ("prompt", "tool", "code")
@@ -353,6 +353,10 @@ def _parse_expert(v: _Validator, e: Any, i: int, vocab: Mapping[str, str]) -> Ex
                     "callable": "'package.module:function' returning the model"}[req]
             what = "missing endpoint" if req == "base_url" else f"missing '{req}'"
             raise v.err(f"{what} for a {kind} expert.", entry=entry, field=f"backend.{req}", fix=f"set backend.{req} to {hint}.")
+    if kind == "transformers" and sum(bool(backend.get(k)) for k in ("model", "package", "assemble")) != 1:
+        raise v.err("a transformers expert names its weights with exactly one of model, package, assemble.",
+                    entry=entry, field="backend.model", fix="set backend.model to a hub id or local path, or "
+                    "backend.package (+ gguf_file) to an installed package holding the weights.")
     if kind == "python" and ":" not in str(backend["callable"]):
         raise v.err("callable must look like 'package.module:function'.", entry=entry, field="backend.callable",
                     fix="write the module path, a colon, and the function name.")
