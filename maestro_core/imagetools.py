@@ -17,12 +17,9 @@ import numpy as np
 from PIL import Image
 
 from maestro_core.tools import ToolOutput
+from maestro_core.weights import maestro_home
 
 MAX_PIXELS = 50_000_000
-
-
-def _home() -> Path:
-    return Path(os.environ.get("MAESTRO_HOME", ".maestro"))
 
 
 def find_box(gray: np.ndarray, *, min_frac: float = 1e-4, max_frac: float = 0.08) -> tuple[int, int, int, int] | None:
@@ -74,7 +71,7 @@ def zoom_box(text: str, images: list[Path], scale: float = 3.0, margin: int = 4)
     crop = rgb.crop((x0, y0, x1, y1))
     crop = crop.resize((max(1, int(crop.width * scale)), max(1, int(crop.height * scale))), Image.LANCZOS)
     digest = hashlib.sha256(path.read_bytes() + repr((box, scale, margin)).encode()).hexdigest()[:24]
-    out = _home() / "tmp" / "crops" / f"{digest}.png"
+    out = maestro_home().resolve() / "tmp" / "crops" / f"{digest}.png"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")

@@ -70,7 +70,8 @@ def format_number(x: Fraction) -> str:
 
 def calculate(text: str, images: list[Path]) -> ToolOutput:
     """Evaluate the longest arithmetic expression in the text exactly (+ - * / // % ** ^ × ÷)."""
-    candidates = sorted((m.group(0).strip() for m in _EXPR.finditer(text)), key=len, reverse=True)
+    # a sentence's final period is not part of the expression ("Calculate (3 + 4) / 2.")
+    candidates = sorted((m.group(0).strip().rstrip(".").strip() for m in _EXPR.finditer(text)), key=len, reverse=True)
     for expr in candidates:
         if not re.search(r"\d", expr):
             continue

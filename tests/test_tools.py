@@ -17,7 +17,8 @@ def font(size):
 
 @pytest.mark.parametrize("text, out", [("What is 12 + 30?", "42"), ("(3 + 4) * 2 = ?", "14"), ("7 / 2", "3.5"),
                                        ("2^10", "1024"), ("no numbers", "no arithmetic expression found"),
-                                       ("1/0 and 3*3", "9")])
+                                       ("1/0 and 3*3", "9"),
+                                       ("Calculate ( -( 2 - -1 + 7 ) / 1 ) / 2.", "-5")])
 def test_calculate(text, out):
     assert calculate(text, []).text == out
 
