@@ -17,7 +17,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup sysdeps demo test test-fast clean
+.PHONY: setup sysdeps demo test test-fast lint clean
 
 setup: sysdeps $(STAMP)
 
@@ -47,6 +47,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check maestro_core flows tasks tests
 
 clean:
 	rm -rf $(VENV) .maestro .pytest_cache .hypothesis

@@ -5,7 +5,7 @@
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
     maestro eval [--checkpoint none] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
-    maestro demo                       run the foundation demo on the embedded default
+    maestro demo                       the main job: build the suite, warm up, evaluate baselines
 
 It lives on the top floor (flows/) because its commands start flows; the logic is in
 maestro_core.
@@ -92,9 +92,18 @@ def _progress(stage: str):
 
 
 def _demo(args) -> int:
-    from maestro_core.demo import run_demo
-    run_demo(home=args.home, n_items=args.items, group_size=args.group_size, seed=args.seed)
-    return 0
+    """The main job on the embedded default, until training lands: build the suite, warm up
+    every expert, evaluate every baseline on the test split."""
+    import time
+
+    from maestro_core.home import resolve_home
+    home = resolve_home(args.home)  # resolve once, so every stage uses the same home
+    print(f"Maestro demo on the embedded default (home {home})")
+    args.home, args.registry = str(home), None
+    _warm_up(args)
+    out = args.out or str(home / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.config, args.checkpoint, args.baselines, args.split, args.data, args.out = None, "none", True, "test", None, out
+    return _eval(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,10 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(func=_eval)
 
-    d = sub.add_parser("demo", help="run the foundation demo on the embedded default")
-    d.add_argument("--items", type=int, default=40, help="benchmark items (default 40)")
-    d.add_argument("--group-size", type=int, default=4, help="episodes per item (default 4)")
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="the main job on the embedded default: suite, warm-up, baselines")
+    d.add_argument("--out", default=None, help="output folder (default: HOME/reports/demo-<time>)")
     d.set_defaults(func=_demo)
     return p
 

@@ -17,6 +17,7 @@ error_rate and per_benchmark.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import random
@@ -46,8 +47,10 @@ class EvalConfig:
     router_train_per_benchmark: int = field(default=20, metadata={
         "help": "Train-split items per benchmark used to label and train the routers."})
     seed: int = field(default=0, metadata={"help": "Seed of the random router and the router training subset."})
-    episode: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(max_turns=2), metadata={
-        "help": "Episode settings of the single-pair runs (one call, then the answer)."})
+    episode: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(max_turns=2, call_timeout_s=1800), metadata={
+        "help": "Episode settings of the single-pair runs (one call, then the answer). The call timeout is "
+                "generous because all items queue on each expert at once; each expert's own timeout_s still "
+                "bounds every call once it runs."})
 
 
 class FixedRoutePolicy:
@@ -79,23 +82,34 @@ def level1_pairs(registry: Registry) -> list[str]:
 
 async def pair_table(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], *,
                      cache: ExpertCache, run_id: str, pairs: Sequence[str] | None = None,
-                     config: EpisodeConfig | None = None,
+                     config: EpisodeConfig | None = None, concurrent_pairs: int = 3,
                      progress: Callable[[str], None] | None = None) -> dict[str, list[Trajectory]]:
-    """Run every pair on every item (one episode each). Returns pair -> trajectories in item order."""
+    """Run every pair on every item (one episode each). Returns pair -> trajectories in item order.
+
+    Pairs run `concurrent_pairs` at a time: the experts are single-threaded, so an LM pair and
+    an OCR pair together keep both cores busy."""
     pairs = list(pairs or level1_pairs(registry))
     out: dict[str, list[Trajectory]] = {}
-    for k, pair in enumerate(pairs):
-        t0 = time.perf_counter()
-        runner = EpisodeRunner(registry, experts, FixedRoutePolicy(lambda q, p=pair: p), cache=cache,
-                               config=config or EvalConfig().episode)
-        # chunk = the pair's index, so every pair's episodes have their own ids and shard
-        trajs = await runner.run(items, run_id=run_id, iteration=0, chunk=k)
+    sem = asyncio.Semaphore(concurrent_pairs)
+    done = 0
+
+    async def one(k: int, pair: str) -> None:
+        nonlocal done
+        async with sem:
+            t0 = time.perf_counter()
+            runner = EpisodeRunner(registry, experts, FixedRoutePolicy(lambda q, p=pair: p), cache=cache,
+                                   config=config or EvalConfig().episode)
+            # chunk = the pair's index, so every pair's episodes have their own ids and shard
+            trajs = await runner.run(items, run_id=run_id, iteration=0, chunk=k)
         out[pair] = trajs
+        done += 1
         if progress:
             acc = sum(t.outcome for t in trajs) / max(1, len(trajs))
-            progress(f"[{k + 1}/{len(pairs)}] {pair}: accuracy {acc:.3f} on {len(trajs)} items "
+            progress(f"[{done}/{len(pairs)}] {pair}: accuracy {acc:.3f} on {len(trajs)} items "
                      f"({time.perf_counter() - t0:.1f} s, cache hits {sum(t.n_cache_hits for t in trajs)})")
-    return out
+
+    await asyncio.gather(*(one(k, p) for k, p in enumerate(pairs)))
+    return {p: out[p] for p in pairs}
 
 
 def oracle_choice(table: Mapping[str, Sequence[Trajectory]], i: int) -> str:
@@ -225,7 +239,6 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                    baselines: bool = True, config: EvalConfig | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """`maestro eval`: evaluate on the suite's split (built when missing) or a JSONL file."""
-    import asyncio
 
     from maestro_core.dataset import load_jsonl
     from maestro_core.errors import ConfigError

@@ -71,7 +71,6 @@ async def run_skill(registry: Registry, experts: Mapping[str, ExpertBackend], ca
     latency = 0.0  # the sum of the steps' own latencies, not wall time under a busy event loop
     for step in solver.steps:
         text = render(step.template, values)
-        t0 = time.perf_counter()
         if step.kind == "prompt":
             reply = await experts[step.expert or call.expert].generate([{"role": "user", "content": text}], imgs)
             out, confidence = reply.text, reply.confidence
@@ -81,13 +80,14 @@ async def run_skill(registry: Registry, experts: Mapping[str, ExpertBackend], ca
             tokens_out += reply.tokens_out
             calls += 1
         elif step.kind == "tool":
-            res = await _run_tool(step, text, imgs, call.input)
+            res, took = await _run_tool(step, text, imgs, call.input)
             out = res.text
             confidence = res.confidence if res.confidence is not None else confidence
             if res.images is not None:
                 imgs = list(res.images)
-            latency += time.perf_counter() - t0
+            latency += took
         else:
+            t0 = time.perf_counter()
             out = await _run_code(text, sandbox_limits)
             latency += time.perf_counter() - t0
         values["prev"] = out
@@ -98,17 +98,25 @@ async def run_skill(registry: Registry, experts: Mapping[str, ExpertBackend], ca
                        expert_calls=calls)
 
 
-async def _run_tool(step: Step, text: str, images: list[Path], call_input: str) -> ToolOutput:
+async def _run_tool(step: Step, text: str, images: list[Path], call_input: str) -> tuple[ToolOutput, float]:
+    """The tool's output and its own run time (timed inside the worker thread, not the queue)."""
     fn = TOOLS[step.tool]
     kwargs = dict(step.args)
     if "question" in inspect.signature(fn).parameters:
         kwargs["question"] = call_input  # tools that answer need what was asked
+
+    def timed():
+        t0 = time.perf_counter()
+        return fn(text, images, **kwargs), time.perf_counter() - t0
+
     if inspect.iscoroutinefunction(fn):
+        t0 = time.perf_counter()
         res = await fn(text, images, **kwargs)
+        took = time.perf_counter() - t0
     else:
         # tools may do real work (image crops, OCR post-processing): keep the loop free
-        res = await asyncio.to_thread(fn, text, images, **kwargs)
-    return res if isinstance(res, ToolOutput) else ToolOutput(str(res))
+        res, took = await asyncio.to_thread(timed)
+    return (res if isinstance(res, ToolOutput) else ToolOutput(str(res))), took
 
 
 async def _run_code(code: str, limits) -> str:

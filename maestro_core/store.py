@@ -32,7 +32,6 @@ like Trajectory.created_at.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -44,6 +43,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from maestro_core.home import resolve_home
 from maestro_core.errors import SchemaMismatch, StorageError
 from maestro_core.objectstore import ObjectStore, open_object_store
 from maestro_core.shards import (as_trajectory_table, check_chunk, check_run_id, list_shards,
@@ -146,10 +146,6 @@ def _where(**filters: Any) -> tuple[str, list[Any]]:
     return " WHERE " + " AND ".join(f"{c} = ?" for c in cols), [filters[c] for c in cols]
 
 
-def _resolve_home(home: Path | str | None) -> Path:
-    if home is None:
-        home = os.environ.get("MAESTRO_HOME") or Path.cwd() / ".maestro"
-    return Path(home).expanduser().absolute()
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +156,7 @@ class Store:
     """The DuckDB store of one Maestro home. Open once per process; close() or use `with`."""
 
     def __init__(self, home: Path | str | None = None, object_store: str | Path | ObjectStore | None = None):
-        self.home = _resolve_home(home)
+        self.home = resolve_home(home)
         try:
             self.home.mkdir(parents=True, exist_ok=True)
         except OSError as e:

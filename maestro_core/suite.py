@@ -61,6 +61,7 @@ from types import ModuleType
 from typing import Any
 
 from maestro_core.dataset import Item
+from maestro_core.home import resolve_home
 from maestro_core.errors import ConfigError, StorageError
 from maestro_core.objectstore import LocalObjectStore, ObjectNotFound, ObjectStore, open_object_store
 
@@ -212,10 +213,6 @@ def check_contamination(items: Sequence[Item], *, image_hashes: dict[str, str] |
 # --------------------------------------------------------------------------- build
 
 
-def _resolve_home(home: str | Path | None) -> Path:
-    if home is None:
-        home = os.environ.get("MAESTRO_HOME") or Path.cwd() / ".maestro"
-    return Path(home).expanduser().absolute()
 
 
 def _code_fingerprint() -> str:
@@ -419,7 +416,7 @@ def build_suite(config: SuiteConfig | None = None, home: str | Path | None = Non
     """
     t0 = time.monotonic()
     config = config or SuiteConfig()
-    home = _resolve_home(home if home is not None else getattr(store, "home", None))
+    home = resolve_home(home if home is not None else getattr(store, "home", None))
     if object_store is None:
         object_store = store.objects if store is not None else home / "objects"
     objects = open_object_store(object_store)
@@ -514,7 +511,7 @@ def build_suite(config: SuiteConfig | None = None, home: str | Path | None = Non
 
 def list_versions(object_store: str | Path | ObjectStore | None = None, home: str | Path | None = None) -> list[str]:
     """Complete versions in the object store (those with a manifest), oldest first."""
-    objects = open_object_store(object_store if object_store is not None else _resolve_home(home) / "objects")
+    objects = open_object_store(object_store if object_store is not None else resolve_home(home) / "objects")
     found = []
     for key in objects.list(f"{PREFIX}/"):
         parts = key.split("/")
@@ -577,7 +574,7 @@ def load_suite(home: str | Path | None = None, version: str | None = None, split
     absolute image paths. Works from a local or an S3 object store."""
     import pyarrow.parquet as pq
 
-    home = _resolve_home(home)
+    home = resolve_home(home)
     objects = open_object_store(object_store if object_store is not None else home / "objects")
     version = _resolve_version(objects, version)
     manifest = _read_json(objects, f"{PREFIX}/{version}/manifest.json") or {}
@@ -612,7 +609,7 @@ def load_suite_meta(home: str | Path | None = None, version: str | None = None, 
                     object_store: str | Path | ObjectStore | None = None) -> dict[str, dict]:
     """The side table of a version: item id -> generator metadata (font size class, noise,
     chart recipe, box position...). For analysis only; never show it to a policy."""
-    home = _resolve_home(home)
+    home = resolve_home(home)
     objects = open_object_store(object_store if object_store is not None else home / "objects")
     version = _resolve_version(objects, version)
     out = {}

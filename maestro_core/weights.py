@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from maestro_core.home import resolve_home
 from maestro_core.errors import MaestroError
 
 GLOB_CHARS = frozenset("*?[")
@@ -52,7 +53,7 @@ class WeightsError(MaestroError, FileNotFoundError):
 
 def maestro_home() -> Path:
     """The home folder: $MAESTRO_HOME, or ./.maestro."""
-    return Path(os.environ.get("MAESTRO_HOME") or ".maestro")
+    return resolve_home()
 
 
 def package_dir(package: str) -> Path:

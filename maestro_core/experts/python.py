@@ -26,6 +26,7 @@ Whatever the model raises becomes an ExpertError naming the exception, never a c
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import importlib
 import inspect
 import threading
@@ -39,6 +40,11 @@ from maestro_core.experts.base import ExpertBackend, ExpertReply
 from maestro_core.registry import Expert
 
 
+
+def _timed(model: Callable, text: str, images: list[Path]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return model(text, images), time.perf_counter() - t0
+
 class PythonExpert(ExpertBackend):
     """An expert implemented by a Python callable built from a factory."""
 
@@ -49,6 +55,7 @@ class PythonExpert(ExpertBackend):
         self._model: Callable[..., Any] | None = None
         self._is_async = False
         self._load_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
 
     # -- loading ----------------------------------------------------------------------------
@@ -113,8 +120,12 @@ class PythonExpert(ExpertBackend):
             try:
                 if self._is_async:
                     out = await asyncio.wait_for(model(text, list(images)), self.spec.timeout_s)
+                    latency = time.perf_counter() - start
                 else:
-                    out = await asyncio.wait_for(asyncio.to_thread(model, text, list(images)), self.spec.timeout_s)
+                    # own threads (one per slot), timed inside: the shared default executor's queue
+                    # is not this model's latency
+                    out, latency = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                        self._executor(), _timed, model, text, list(images)), self.spec.timeout_s)
             except TimeoutError:
                 raise ExpertTimeout(f"model {self.target} took longer than {self.spec.timeout_s:g} s",
                                     expert=self.name) from None
@@ -122,7 +133,18 @@ class PythonExpert(ExpertBackend):
                 raise
             except Exception as e:  # noqa: BLE001  (a model failure is reported, never a crash)
                 raise ExpertError(f"model {self.target} raised {type(e).__name__}: {e}", expert=self.name) from e
-        return self._to_reply(out, time.perf_counter() - start)
+        return self._to_reply(out, latency)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.spec.max_concurrency,
+                                            thread_name_prefix=f"expert-{self.name}")
+        return self._pool
 
     def _to_reply(self, out: Any, latency_s: float) -> ExpertReply:
         if isinstance(out, str):

@@ -351,7 +351,6 @@ class TransformersExpert(ExpertBackend):
         return b
 
     async def _generate(self, messages: list[Mapping[str, str]], images: list[Path]) -> ExpertReply:
-        start = time.perf_counter()
         await self.load()
         prompt, templated = self._prompt(messages, len(images))
         loop = asyncio.get_running_loop()
@@ -360,6 +359,7 @@ class TransformersExpert(ExpertBackend):
         self._batcher().submit(req)
         try:
             await req.started.wait()
+            start = time.perf_counter()  # latency is the batch's generation, not the queue before it
             text, n_in, n_out, conf = await asyncio.wait_for(asyncio.shield(req.future), self.spec.timeout_s)
         except TimeoutError:
             req.stop.set()  # this row stops at its next token; the thread finishes in the background
