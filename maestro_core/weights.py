@@ -56,6 +56,15 @@ def maestro_home() -> Path:
     return resolve_home()
 
 
+def models_dir(home: Path | None = None) -> Path:
+    """Where assembled and converted weights are kept: $MAESTRO_MODELS, else <home>/models.
+    Several homes (test runs, experiments) can share one conversion through MAESTRO_MODELS."""
+    shared = os.environ.get("MAESTRO_MODELS")
+    if shared:
+        return Path(shared).expanduser().absolute()
+    return (maestro_home() if home is None else Path(home)) / "models"
+
+
 def package_dir(package: str) -> Path:
     """The folder of an installed package, found without importing (running) it.
 
@@ -115,8 +124,7 @@ def assembled_gguf(package: str, home: Path | None = None) -> Path:
     The package must offer `assemble(output_path)` (which checks the checksum); the file is
     assembled into a temporary name and renamed into place, so a present file is complete and
     is reused as it is afterwards."""
-    home = maestro_home() if home is None else Path(home)
-    target = home / "models" / f"{package}.gguf"
+    target = models_dir(home) / f"{package}.gguf"
     if target.is_file():
         return target
     with file_lock(target.with_name(target.name + ".lock")):
@@ -226,8 +234,7 @@ def _gguf_key(gguf: Path) -> str:
 
 def converted_dir(gguf: Path, home: Path | None = None) -> Path:
     """Where the converted copy of `gguf` lives (whether or not it exists yet)."""
-    home = maestro_home() if home is None else Path(home)
-    return home / "models" / f"{gguf.stem}-{_gguf_key(gguf)}"
+    return models_dir(home) / f"{gguf.stem}-{_gguf_key(gguf)}"
 
 
 def converted_gguf(gguf: Path, home: Path | None = None) -> Path:

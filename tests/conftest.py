@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# converted LM weights are shared by every test's home: convert once per checkout, not per test
+os.environ.setdefault("MAESTRO_MODELS", str(Path(__file__).resolve().parents[1] / ".maestro" / "test-models"))
 
 import pytest  # noqa: E402
 

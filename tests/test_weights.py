@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from maestro_core.weights import (
+from maestro_core.weights import (models_dir,
     ModelSource, WeightsError, assembled_gguf, converted_dir, converted_gguf, maestro_home, package_dir,
     package_file, resolve_model,
 )
@@ -21,7 +21,20 @@ def test_home_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAESTRO_HOME", str(tmp_path / "h"))
     assert maestro_home() == tmp_path / "h"
     monkeypatch.delenv("MAESTRO_HOME")
-    assert maestro_home() == Path(".maestro")
+    assert maestro_home() == Path.cwd() / ".maestro"
+
+
+def test_models_dir_shared_through_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAESTRO_MODELS", str(tmp_path / "shared"))
+    assert models_dir(tmp_path / "home") == tmp_path / "shared"
+    monkeypatch.delenv("MAESTRO_MODELS")
+    assert models_dir(tmp_path / "home") == tmp_path / "home" / "models"
+
+
+@pytest.fixture(autouse=True)
+def _own_models_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check where weights land inside a home: no shared models folder."""
+    monkeypatch.delenv("MAESTRO_MODELS", raising=False)
 
 
 def test_package_file_finds_gguf_without_importing() -> None:

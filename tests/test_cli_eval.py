@@ -1,0 +1,45 @@
+"""`maestro eval --data FILE --registry FILE` end to end in a subprocess: outputs and scoring."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import BASE_REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_eval_on_a_jsonl_file_with_its_own_scorers(tmp_path):
+    reg = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(reg))
+    rows = [
+        {"id": "q1", "benchmark": "chartqa", "question": "What is 6 * 7?", "answer": "42", "scorer": "numeric"},
+        {"id": "q2", "benchmark": "chartqa", "question": "How many words are in 'a b c'?", "answer": "3",
+         "scorer": "exact"},
+        {"id": "q3", "benchmark": "custom", "question": "What is 10 - 4?", "answer": "6.0", "scorer": "numeric"},
+        {"id": "bad", "benchmark": "custom", "question": "broken", "answer": "1", "scorer": "fuzzy"},
+    ]
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
+                          "--checkpoint", "none", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_items"] == 3 and m["split"] == "data" and m["checkpoint"] == "none"
+    assert m["systems"]["oracle"]["accuracy"] == 1.0
+    # "6.0" scores against the calculator's "6" because q3 names the numeric scorer
+    assert m["systems"]["expert:calc@@math"]["per_benchmark"] == {"chartqa": 0.5, "custom": 1.0}
+    assert {"random", "expert:counter@@text"} <= set(m["systems"])
+    assert (out / "results.csv").exists() and (out / "report.md").exists()
+
+
+def test_eval_rejects_unknown_checkpoint(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
+                          "--checkpoint", "best", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode != 0 and "Fix:" in res.stderr
