@@ -189,7 +189,8 @@ class EpisodeRunner:
             return {**base, "error": "timeout", "error_message": msg, "observation": error_observation(msg),
                     "spent_s": spent, "latency_s": spent}
         except (ExpertError, OSError) as e:
-            spent = time.perf_counter() - t0
+            # the expert's own time when it says (not our queue before it), else the time waited
+            spent = getattr(e, "latency_s", None) or (time.perf_counter() - t0)
             return {**base, "error": "expert_error", "error_message": str(e),
                     "observation": error_observation(f"{call.target} failed: {e}"), "spent_s": spent, "latency_s": spent}
         return {**base, **_result_fields(res), "cache_hit": hit, "spent_s": spent,

@@ -132,7 +132,9 @@ class PythonExpert(ExpertBackend):
             except ExpertError:
                 raise
             except Exception as e:  # noqa: BLE001  (a model failure is reported, never a crash)
-                raise ExpertError(f"model {self.target} raised {type(e).__name__}: {e}", expert=self.name) from e
+                err = ExpertError(f"model {self.target} raised {type(e).__name__}: {e}", expert=self.name)
+                err.latency_s = time.perf_counter() - start  # type: ignore[attr-defined]
+                raise err from e
         return self._to_reply(out, latency)
 
     async def aclose(self) -> None:

@@ -1,0 +1,553 @@
+"""GRPO updates of the orchestrator policy from stored multi-turn episodes, through TRL.
+
+Collect and update are separate steps:
+
+    trajs = run_episodes(policy_at_checkpoint_k, items, G)        # collect (anywhere, any process)
+    store.write_and_ingest(trajs, run_id, iteration=k, chunk=0)   # store
+    res = grpo_update(model_k, tok, store.trajectories(run_id, k), settings, out_dir)   # k -> k+1
+
+`grpo_update` feeds the stored episodes to `trl.GRPOTrainer` through a `rollout_func`: the
+trainer's dataset is one prompt per episode group, the prompt being the group key
+`maestro-group:<iteration>:<item_id>` (`group_key`), and the rollout_func maps the i-th repeat
+of a key to the group's i-th stored sample (`RolloutBank`). Policy tokens have env_mask 1,
+observation tokens 0, so the loss mask (completion mask x env_mask) trains only what the policy
+wrote. One call = one optimizer step over all the episodes given (gradient accumulation over
+micro-batches), so the update is exact on-policy GRPO when the episodes were sampled by the
+current weights. Without vLLM TRL does NOT use the stored sampling logprobs: the "old" logprobs
+are the current model's (ratio 1 at the start of the step).
+
+`make_rollout_func(collect)` gives the other mode: a long-lived trainer whose rollout_func calls
+`collect(group_keys) -> list[Trajectory]` (sampling with the trainer's current weights) each
+generation batch.
+
+Facts about TRL 1.16 relied on here (checked in trl/trainer/grpo_trainer.py):
+- rollout_func(prompts, trainer) gets the prompts already repeated num_generations times, each
+  group contiguous, and must return one completion per prompt, in order; keys other than
+  prompt_ids/completion_ids/logprobs are forwarded to reward functions (env_mask is popped and
+  becomes the tool mask).
+- an env_mask row shorter than its completion is padded with 1 (trained): lengths are
+  validated here.
+- with mask_truncated_completions=True a completion whose last token is not EOS/pad gets zero
+  loss: every episode must end with the policy's EOS (validated here).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from maestro_core.errors import ConfigError
+from maestro_core.trajectory import Trajectory
+
+GROUP_KEY_PREFIX = "maestro-group"
+
+# ---------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------
+
+
+def _f(default: Any, help: str, trl: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "trl": trl})
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """GRPO hyper-parameters. Defaults follow the Maestro paper; names follow trl.GRPOConfig
+    where TRL has the setting (metadata 'trl' True), so `to_grpo_config` passes them through."""
+
+    num_generations: int = _f(8, "Episodes per item (GRPO group size G).")
+    learning_rate: float = _f(1e-6, "AdamW learning rate.")
+    epsilon: float = _f(0.2, "PPO-style clip range of the importance ratio (lower side; upper too unless epsilon_high).")
+    epsilon_high: float | None = _f(None, "Upper clip range; None = epsilon.")
+    beta: float = _f(0.0, "KL coefficient against the reference policy (0: no reference model is kept).")
+    temperature: float = _f(1.0, "Sampling temperature; TRL divides logits by it when computing logprobs, so the "
+                                 "episode sampler must use the same value.")
+    max_turns: int = _f(4, "Policy turns per episode (read by the episode runner, not by TRL).", trl=False)
+    per_device_train_batch_size: int = _f(8, "Episodes per micro-batch (forward/backward). One update accumulates "
+                                             "all micro-batches of the collected episodes into ONE optimizer step.")
+    max_completion_length: int = _f(4096, "Longest episode completion (policy + observation tokens) accepted.")
+    loss_type: str = _f("dapo", "TRL loss aggregation ('dapo' = TRL default: token-level mean over the batch).")
+    scale_rewards: str = _f("group", "Advantage scaling: 'group' (std of the group), 'batch' or 'none'.")
+    mask_truncated_completions: bool = _f(True, "Zero loss for completions not ending in EOS (never happens "
+                                                "here: episodes are validated to end with EOS).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(0, "Linear warm-up (optimizer steps).")
+    lr_scheduler_type: str = _f("constant", "LR schedule. 'constant': each grpo_update call is one train() of one "
+                                            "step, so a decaying schedule would restart or hit 0.")
+    num_iterations: int = _f(1, "Passes over each collected batch (mu). 1 = exact on-policy GRPO.")
+    bf16: bool = _f(False, "bfloat16 mixed precision (GPU).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory, costs time).")
+    seed: int = _f(0, "Trainer seed (group shuffling, dropout).")
+    lora_r: int | None = _f(None, "LoRA rank via PEFT; None = full fine-tuning.", trl=False)
+    lora_alpha: int = _f(16, "LoRA alpha.", trl=False)
+    lora_dropout: float = _f(0.0, "LoRA dropout.", trl=False)
+    lora_target_modules: tuple[str, ...] | str = _f("all-linear", "LoRA target modules.", trl=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, msg: str, fix: str) -> ConfigError:
+            return ConfigError(msg, source="GRPOSettings", field=name, fix=fix)
+
+        if self.num_generations < 2:
+            raise bad("num_generations", f"is {self.num_generations}; GRPO needs >= 2 samples per group.",
+                      "set num_generations >= 2 (paper: 8).")
+        if self.per_device_train_batch_size < 1:
+            raise bad("per_device_train_batch_size", "must be >= 1.", "set it to a positive int.")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise bad("learning_rate", f"is {self.learning_rate}.", "use a positive finite value (paper: 1e-6).")
+        if not 0 < self.epsilon < 1:
+            raise bad("epsilon", f"is {self.epsilon}.", "use a clip range in (0, 1) (paper: 0.2).")
+        if self.epsilon_high is not None and self.epsilon_high <= 0:
+            raise bad("epsilon_high", f"is {self.epsilon_high}.", "use a positive value or None.")
+        if self.beta < 0:
+            raise bad("beta", f"is {self.beta}.", "use beta >= 0 (paper: 0).")
+        if self.temperature <= 0:
+            raise bad("temperature", f"is {self.temperature}.", "use a positive temperature (paper: 1.0).")
+        if self.max_turns < 1:
+            raise bad("max_turns", f"is {self.max_turns}.", "use max_turns >= 1 (paper: 4).")
+        if self.num_iterations < 1:
+            raise bad("num_iterations", f"is {self.num_iterations}.", "use num_iterations >= 1.")
+        if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"):
+            raise bad("loss_type", f"'{self.loss_type}' is not a TRL loss type.", "use 'dapo' or 'grpo'.")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise bad("scale_rewards", f"'{self.scale_rewards}' is unknown.", "use 'group', 'batch' or 'none'.")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise bad("lora_r", f"is {self.lora_r}.", "use a positive rank or None for full fine-tuning.")
+
+    @classmethod
+    def paper(cls) -> "GRPOSettings":
+        """The Maestro paper's settings (the defaults)."""
+        return cls()
+
+    @classmethod
+    def cpu_profile(cls, **overrides: Any) -> "GRPOSettings":
+        """For a ~5M-parameter policy on 2 CPU cores: a large LR (the paper's 1e-6 would not move a
+        random-init toy model in a CPU budget), small groups and micro-batches."""
+        base = dict(num_generations=8, learning_rate=3e-3, per_device_train_batch_size=16,
+                    max_completion_length=512, bf16=False, gradient_checkpointing=False)
+        base.update(overrides)
+        return cls(**base)
+
+    def trl_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("trl")}
+
+    def to_grpo_config(self, output_dir: str, **extra: Any) -> Any:
+        """A `trl.GRPOConfig` with these settings, no vLLM, no checkpoints, no reporting, logging
+        every step. `extra` overrides/adds GRPOConfig fields (grpo_update sets the batch layout)."""
+        from trl import GRPOConfig
+
+        kw = self.trl_kwargs()
+        kw.update(output_dir=str(output_dir), use_vllm=False, report_to="none", save_strategy="no",
+                  logging_steps=1, disable_tqdm=True, remove_unused_columns=False, use_cpu=_no_gpu(),
+                  shuffle_dataset=True)
+        kw.update(extra)
+        try:
+            return GRPOConfig(**kw)
+        except ValueError as e:
+            raise ConfigError(str(e), source="GRPOSettings.to_grpo_config",
+                              fix="make per_device_train_batch_size x steps_per_generation divisible by "
+                                  "num_generations (whole groups per generation batch).") from e
+
+    def lora_config(self) -> Any | None:
+        if self.lora_r is None:
+            return None
+        from peft import LoraConfig
+
+        targets = self.lora_target_modules
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets if isinstance(targets, str) else list(targets),
+                          task_type="CAUSAL_LM")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------
+# group keys, rollout conversion, the bank
+# ---------------------------------------------------------------------------------------
+
+
+def group_key(iteration: int, item_id: str) -> str:
+    """The prompt string that stands for one episode group in the trainer's dataset."""
+    return f"{GROUP_KEY_PREFIX}:{int(iteration)}:{item_id}"
+
+
+def parse_group_key(key: str) -> tuple[int, str]:
+    parts = key.split(":", 2) if isinstance(key, str) else []
+    if len(parts) != 3 or parts[0] != GROUP_KEY_PREFIX or not parts[1].lstrip("-").isdigit():
+        raise ConfigError(f"prompt {key!r} is not a Maestro group key.", source="grpo",
+                          fix="build the trainer dataset with grpo.group_dataset / group_key(iteration, item_id).")
+    return int(parts[1]), parts[2]
+
+
+def trajectory_group_key(t: Trajectory) -> str:
+    return group_key(t.iteration, t.item_id)
+
+
+def _episode_rows(t: Trajectory, eos_ids: set[int] | None) -> tuple[list[int], list[int], list[float]]:
+    """completion_ids, env_mask, logprobs of one episode, validated; trailing observation tokens
+    (after the policy's last turn: masked and followed by nothing) are dropped so the
+    completion ends with the policy's EOS."""
+    name = f"episode {t.episode_id} (item {t.item_id!r}, sample {t.sample_index})"
+    for s in t.steps:
+        if len(s.logprobs) != len(s.completion_ids):
+            raise ConfigError(f"{name} turn {s.turn}: {len(s.logprobs)} logprobs for {len(s.completion_ids)} "
+                              "completion tokens.", source="grpo", fix="record one sampling logprob per sampled token.")
+    ids, mask, lps = t.completion_ids(), t.env_mask(), t.completion_logprobs()
+    return _validate_row(name, list(t.prompt_ids), ids, mask, lps, eos_ids)
+
+
+def _validate_row(name: str, prompt_ids: list[int], ids: list[int], mask: list[int], lps: list[float],
+                  eos_ids: set[int] | None) -> tuple[list[int], list[int], list[float]]:
+    if not prompt_ids:
+        raise ConfigError(f"{name} has no prompt tokens.", source="grpo",
+                          fix="collect episodes with a token policy (the scripted policy records no tokens).")
+    if len(mask) != len(ids) or len(lps) != len(ids):
+        raise ConfigError(f"{name}: env_mask has {len(mask)} entries and logprobs {len(lps)} for {len(ids)} "
+                          "completion tokens.", source="grpo",
+                          fix="give exactly one env_mask entry (1 policy, 0 environment) per completion token; "
+                              "TRL would silently train unmasked padding.")
+    if any(m not in (0, 1) for m in mask):
+        raise ConfigError(f"{name}: env_mask must hold only 0 and 1.", source="grpo", fix="use 1 policy / 0 env.")
+    end = len(mask)
+    while end and mask[end - 1] == 0:
+        end -= 1
+    ids, mask, lps = ids[:end], mask[:end], lps[:end]
+    if not ids:
+        raise ConfigError(f"{name} has no policy tokens.", source="grpo",
+                          fix="collect episodes with a token policy (the scripted policy records no tokens).")
+    if eos_ids is not None and ids[-1] not in eos_ids:
+        raise ConfigError(f"{name}: the policy's last token {ids[-1]} is not EOS {sorted(eos_ids)}; TRL would treat "
+                          "it as truncated (zero gradient) or learn from a cut-off episode.", source="grpo",
+                          fix="the policy must emit EOS at the end of its final turn (stop sampling on EOS and "
+                              "keep it in completion_ids); drop or re-collect cut-off episodes.")
+    return ids, mask, lps
+
+
+def trajectories_to_rollout(trajs: Sequence[Trajectory], *, eos_token_ids: Sequence[int] | None = None,
+                            num_generations: int | None = None) -> dict[str, list]:
+    """What a TRL rollout_func returns for these episodes, in order: prompt_ids, completion_ids,
+    logprobs, env_mask, plus reward components and ids as extra keys (forwarded to reward
+    functions). Validates lengths, the final EOS and that each group is contiguous (and of size
+    num_generations when given)."""
+    if not trajs:
+        raise ConfigError("no trajectories.", source="grpo", fix="collect at least one group of episodes.")
+    eos = set(eos_token_ids) if eos_token_ids is not None else None
+    out: dict[str, list] = defaultdict(list)
+    seen: set[str] = set()
+    runs: list[list[str]] = []
+    prev = None
+    for t in trajs:
+        key = trajectory_group_key(t)
+        if key != prev:
+            if key in seen:
+                raise ConfigError(f"group {key!r} is not contiguous (episode {t.episode_id} comes after another "
+                                  "group).", source="grpo", fix="order episodes by (iteration, item_id, sample_index) "
+                                                                "(see order_groups).")
+            seen.add(key)
+            runs.append([])
+            prev = key
+        runs[-1].append(t.episode_id)
+        ids, mask, lps = _episode_rows(t, eos)
+        out["prompt_ids"].append(list(t.prompt_ids))
+        out["completion_ids"].append(ids)
+        out["env_mask"].append(mask)
+        out["logprobs"].append(lps)
+        out["reward"].append(float(t.reward))
+        out["outcome"].append(float(t.outcome))
+        out["format_score"].append(float(t.format_score))
+        out["cost_term"].append(float(t.cost_term))
+        out["episode_id"].append(t.episode_id)
+        out["group_key"].append(key)
+    if num_generations is not None:
+        for r, key in zip(runs, seen_order(trajs)):
+            if len(r) != num_generations:
+                raise ConfigError(f"group {key!r} has {len(r)} episodes, expected num_generations={num_generations}.",
+                                  source="grpo", fix="collect exactly num_generations samples per item, or drop "
+                                                     "incomplete groups (complete_groups).")
+    return dict(out)
+
+
+def seen_order(trajs: Sequence[Trajectory]) -> list[str]:
+    keys: list[str] = []
+    for t in trajs:
+        k = trajectory_group_key(t)
+        if not keys or keys[-1] != k:
+            keys.append(k)
+    return keys
+
+
+def order_groups(trajs: Sequence[Trajectory]) -> list[Trajectory]:
+    """Episodes sorted so each group is contiguous and ordered by sample_index."""
+    return sorted(trajs, key=lambda t: (t.iteration, t.item_id, t.sample_index))
+
+
+def complete_groups(trajs: Sequence[Trajectory], num_generations: int) -> list[Trajectory]:
+    """Only the groups with exactly num_generations episodes (ordered)."""
+    by: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in order_groups(trajs):
+        by[trajectory_group_key(t)].append(t)
+    return [t for g in by.values() if len(g) == num_generations for t in g]
+
+
+def reward_from_trajectory(completions: list, reward: list[float] | None = None, **kw: Any) -> list[float]:
+    """TRL reward function: the stored episode reward (forwarded by the rollout_func)."""
+    if reward is None:
+        raise ConfigError("no 'reward' column reached the reward function.", source="grpo",
+                          fix="use make_rollout_func, whose output carries the stored rewards.")
+    if len(reward) != len(completions):
+        raise ConfigError(f"{len(reward)} rewards for {len(completions)} completions.", source="grpo",
+                          fix="return one stored reward per completion from the rollout_func.")
+    return [float(r) for r in reward]
+
+
+class RolloutBank:
+    """Stored episodes by group key; `take(prompts)` maps the i-th occurrence of a key in the
+    prompt list to that group's i-th sample (by sample_index)."""
+
+    def __init__(self, trajs: Sequence[Trajectory] = ()):
+        self.groups: dict[str, list[Trajectory]] = {}
+        self.put(trajs)
+
+    def put(self, trajs: Sequence[Trajectory]) -> None:
+        by: dict[str, list[Trajectory]] = defaultdict(list)
+        for t in trajs:
+            by[trajectory_group_key(t)].append(t)
+        for k, g in by.items():
+            g.sort(key=lambda t: t.sample_index)
+            idx = [t.sample_index for t in g]
+            if len(set(idx)) != len(idx):
+                raise ConfigError(f"group {k!r} has duplicate sample_index values {idx}.", source="grpo",
+                                  fix="give each episode of a group a distinct sample_index 0..G-1.")
+            self.groups[k] = g
+
+    def clear(self) -> None:
+        self.groups.clear()
+
+    def keys(self) -> list[str]:
+        return list(self.groups)
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def take(self, prompts: Sequence[Any]) -> list[Trajectory]:
+        count: dict[str, int] = defaultdict(int)
+        out = []
+        for p in prompts:
+            key = p if isinstance(p, str) else str(p)
+            parse_group_key(key)
+            if key not in self.groups:
+                raise ConfigError(f"no stored episodes for group {key!r}.", source="grpo",
+                                  fix="the trainer dataset must list only groups that were collected.")
+            g, i = self.groups[key], count[key]
+            if i >= len(g):
+                raise ConfigError(f"group {key!r} was asked for sample {i} but has {len(g)} episodes.", source="grpo",
+                                  fix="collect num_generations episodes per group.")
+            out.append(g[i])
+            count[key] += 1
+        return out
+
+
+def _trainer_eos(trainer: Any) -> list[int] | None:
+    ids = getattr(trainer, "eos_token_ids", None)
+    if ids is None:
+        return None
+    return [int(i) for i in ids if i is not None]
+
+
+def make_rollout_func(source: Sequence[Trajectory] | RolloutBank | Callable[[list[str]], Sequence[Trajectory]],
+                      *, eos_token_ids: Sequence[int] | None = None) -> Callable[[list, Any], dict]:
+    """A TRL rollout_func. source: stored episodes (list or RolloutBank: collect -> update
+    separated), or `collect(group_keys) -> episodes` called each generation batch with the unique
+    group keys in order (long-lived trainer: collect with the trainer's current weights).
+    EOS ids default to the trainer's eos_token_ids."""
+    if callable(source) and not isinstance(source, RolloutBank):
+        collect = source
+        bank = None
+    else:
+        collect = None
+        bank = source if isinstance(source, RolloutBank) else RolloutBank(list(source))
+
+    def rollout_func(prompts: list, trainer: Any) -> dict:
+        eos = eos_token_ids if eos_token_ids is not None else _trainer_eos(trainer)
+        b = bank
+        if collect is not None:
+            keys = []
+            for p in prompts:
+                if not keys or keys[-1] != p:
+                    keys.append(p)
+            b = RolloutBank(list(collect(list(dict.fromkeys(keys)))))
+        trajs = b.take(prompts)
+        out = trajectories_to_rollout(trajs, eos_token_ids=eos)
+        if len(out["completion_ids"]) != len(prompts):  # pragma: no cover - take() guarantees it
+            raise ConfigError("rollout count mismatch.", source="grpo")
+        return out
+
+    rollout_func.bank = bank  # type: ignore[attr-defined]
+    return rollout_func
+
+
+def group_dataset(keys: Sequence[str]) -> Any:
+    """The trainer's dataset: one row per group, the prompt being the group key."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": list(keys)})
+
+
+# ---------------------------------------------------------------------------------------
+# the update
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateResult:
+    loss: float | None
+    """The logged training loss of the step (TRL's; may be ~0 at ratio 1 with 'dapo')."""
+    mean_reward: float
+    params_changed: bool
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    """TRL's logged metrics for the step (reward, reward_std, kl, entropy, clip ratios, ...)."""
+    reused_trainer: bool = False
+
+
+def _fingerprint(model: Any) -> list[tuple[float, float]]:
+    import torch
+
+    with torch.no_grad():
+        return [(float(p.double().sum()), float(p.double().pow(2).sum()))
+                for p in model.parameters() if p.requires_grad]
+
+
+def _batch_layout(n: int, settings: GRPOSettings) -> tuple[int, int]:
+    """(per_device_train_batch_size, steps_per_generation) so that one generation batch holds all
+    n episodes and is one optimizer step."""
+    b = min(settings.per_device_train_batch_size, n)
+    while n % b:
+        b -= 1
+    return b, n // b
+
+
+class GRPOUpdater:
+    """One trl.GRPOTrainer reused across updates of the same model (optimizer state kept). Each
+    `update(trajs)` is one train() call of one optimizer step over all the episodes given."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: GRPOSettings, output_dir: str, n_episodes: int):
+        import os
+
+        from trl import GRPOTrainer
+
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        self.settings, self.output_dir, self.n_episodes = settings, str(output_dir), n_episodes
+        b, spg = _batch_layout(n_episodes, settings)
+        config = settings.to_grpo_config(output_dir, per_device_train_batch_size=b, steps_per_generation=spg,
+                                         gradient_accumulation_steps=spg, max_steps=1)
+        self.bank = RolloutBank()
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            raise ConfigError("the tokenizer has no pad token.", source="grpo",
+                              fix="set tokenizer.pad_token (e.g. to the EOS token) before training.")
+        self.trainer = GRPOTrainer(model=model, reward_funcs=[reward_from_trajectory], args=config,
+                                   train_dataset=group_dataset(["maestro-group:0:placeholder"]),
+                                   processing_class=tokenizer, rollout_func=make_rollout_func(self.bank),
+                                   peft_config=settings.lora_config())
+        _quiet(self.trainer)
+        self.model = self.trainer.model
+        self.calls = 0
+
+    def update(self, trajectories: Sequence[Trajectory]) -> UpdateResult:
+        t0 = time.perf_counter()
+        trajs = order_groups(trajectories)
+        G = self.settings.num_generations
+        if len(trajs) != self.n_episodes:
+            raise ConfigError(f"{len(trajs)} episodes for an updater built for {self.n_episodes}.", source="grpo",
+                              fix="create a GRPOUpdater per batch size (grpo_update does).")
+        # validate everything up front (clear errors before TRL runs)
+        trajectories_to_rollout(trajs, eos_token_ids=_trainer_eos(self.trainer), num_generations=G)
+        self.bank.clear()
+        self.bank.put(trajs)
+        keys = seen_order(trajs)
+        tr = self.trainer
+        tr.train_dataset = group_dataset(keys)
+        before = _fingerprint(tr.model)
+        old_state = tr.state
+        n_logs = len(old_state.log_history)
+        out = tr.train()
+        if tr.state is not old_state:  # train() starts a fresh TrainerState
+            n_logs = 0
+        after = _fingerprint(tr.model)
+        logs = [h for h in tr.state.log_history[n_logs:] if "reward" in h or "loss" in h]
+        metrics: dict[str, float] = {}
+        for h in logs:
+            metrics.update({k: float(v) for k, v in h.items() if isinstance(v, (int, float))})
+        loss = metrics.get("loss", getattr(out, "training_loss", None))
+        self.calls += 1
+        return UpdateResult(loss=None if loss is None else float(loss),
+                            mean_reward=sum(t.reward for t in trajs) / len(trajs),
+                            params_changed=before != after, seconds=time.perf_counter() - t0,
+                            metrics=metrics, reused_trainer=self.calls > 1)
+
+
+def _quiet(trainer: Any) -> None:
+    """No per-step log dicts on stdout (disable_tqdm swaps the progress bar for a printer)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def build_trainer(model: Any, tokenizer: Any, settings: GRPOSettings, output_dir: str, *,
+                  source: Sequence[Trajectory] | RolloutBank | Callable[[list[str]], Sequence[Trajectory]],
+                  group_keys: Sequence[str], groups_per_step: int, max_steps: int,
+                  **config_overrides: Any) -> Any:
+    """A long-lived trl.GRPOTrainer over `group_keys` (the dataset) whose rollout_func draws from
+    `source` (usually `collect(group_keys) -> episodes`, sampling with the trainer's current
+    weights). Each optimizer step takes `groups_per_step` groups (one generation batch, gradient
+    accumulation over micro-batches), so every step is on-policy. Call `.train()` on the result."""
+    import os
+
+    from trl import GRPOTrainer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    for k in group_keys:
+        parse_group_key(k)
+    b, spg = _batch_layout(groups_per_step * settings.num_generations, settings)
+    kw = dict(per_device_train_batch_size=b, steps_per_generation=spg, gradient_accumulation_steps=spg,
+              max_steps=max_steps)
+    kw.update(config_overrides)
+    config = settings.to_grpo_config(output_dir, **kw)
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_from_trajectory], args=config,
+                          train_dataset=group_dataset(group_keys), processing_class=tokenizer,
+                          rollout_func=make_rollout_func(source), peft_config=settings.lora_config())
+    _quiet(trainer)
+    return trainer
+
+
+_UPDATERS: "weakref.WeakKeyDictionary[Any, GRPOUpdater]" = weakref.WeakKeyDictionary()
+
+
+def grpo_update(model: Any, tokenizer: Any, trajectories: Sequence[Trajectory], settings: GRPOSettings,
+                output_dir: str) -> UpdateResult:
+    """One GRPO optimizer step of `model` (in place) from collected episodes (whole groups of
+    settings.num_generations). The trainer is cached per model and reused by later calls with the
+    same tokenizer, settings, output_dir and number of episodes (AdamW state kept); otherwise a
+    new trainer is built (~0.1-1 s plus a fresh optimizer state)."""
+    n = len(trajectories)
+    if n == 0 or n % settings.num_generations:
+        raise ConfigError(f"{n} episodes is not a whole number of groups of {settings.num_generations}.",
+                          source="grpo", fix="pass complete groups (see complete_groups).")
+    up = _UPDATERS.get(model)
+    if up is None or (up.settings, up.output_dir, up.n_episodes) != (settings, str(output_dir), n) \
+            or up.trainer.processing_class is not tokenizer:
+        up = GRPOUpdater(model, tokenizer, settings, output_dir, n)
+        _UPDATERS[model] = up
+    return up.update(trajectories)

@@ -1,0 +1,250 @@
+"""The learned policy: a causal LM that samples one turn per `act`, micro-batched across episodes.
+
+    policy = LMPolicy(model, tokenizer, registry, temperature=1.0, max_turn_tokens=24, constrained=True)
+    runner = EpisodeRunner(registry, experts, policy)
+
+Concurrent `act` calls (one per episode in flight) are queued and sampled together: one
+left-padded prefill and one batched decode step per token for the whole batch, run in a
+worker thread so expert calls keep running meanwhile. `stats` counts batches, forward passes
+and turns.
+
+Token accounting is exact. `encode_prompt(messages)` is the chat template's tokenisation
+with the generation prompt; each turn's ids are exactly the sampled ids (ending with EOS)
+with the log-softmax of the distribution they were sampled from (after the grammar mask,
+at `temperature`); `encode_observation(message)` is what the observation and the next
+generation prompt add. The context of a later turn is built by concatenating those ids (the
+sampled ids are reused, never re-tokenised), so prompt_ids + completion_ids of a trajectory
+is exactly the sequence the policy saw, and decodes to the chat template's rendering of
+the conversation. (A turn cut at `max_turn_tokens` without EOS, possible only unconstrained,
+enters the context without the EOS the template would add.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from maestro_core.constrained import ActionConstraint, TurnState
+from maestro_core.policy import EpisodeView, PolicyTurn, information_text
+from maestro_core.protocol import unescape
+from maestro_core.registry import Registry
+
+
+@dataclass
+class _Request:
+    context: list[int]
+    state: TurnState | None
+    future: asyncio.Future
+
+
+@dataclass
+class PolicyStats:
+    batches: int = 0
+    forward_passes: int = 0
+    turns: int = 0
+    tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class LMPolicy:
+    def __init__(self, model, tokenizer, registry: Registry, *, temperature: float = 1.0, max_turn_tokens: int = 24,
+                 constrained: bool = True, allow_think: bool = False, answer_candidates: bool = False,
+                 checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.002,
+                 seed: int = 0, threaded: bool = True):
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy).")
+        self.model, self.tokenizer, self.registry = model, tokenizer, registry
+        self.temperature, self.max_turn_tokens = temperature, max_turn_tokens
+        self.constrained, self.answer_candidates = constrained, answer_candidates
+        self.checkpoint_id = checkpoint_id
+        self.max_batch_size, self.batch_window_s, self.threaded = max_batch_size, batch_window_s, threaded
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.eos_id
+        self.constraint = (ActionConstraint(tokenizer, registry.grammar().actions, max_tokens=max_turn_tokens,
+                                            allow_think=allow_think) if constrained else None)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stats = PolicyStats()
+        self._queue: list[_Request] = []
+        self._worker: asyncio.Task | None = None
+        self._turns: OrderedDict[str, dict[int, tuple[str, tuple[int, ...]]]] = OrderedDict()
+        self._prompts: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
+        self._obs_frame = self._observation_frame()
+
+    # -- encoding ---------------------------------------------------------------------------
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _tok(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> tuple[int, ...]:
+        key = tuple((m["role"], m["content"]) for m in messages)
+        ids = self._prompts.get(key)
+        if ids is None:
+            ids = self._tok(self._render(messages, True))
+            self._prompts[key] = ids
+            if len(self._prompts) > 256:
+                self._prompts.popitem(last=False)
+        return ids
+
+    def _observation_frame(self) -> tuple[str, str]:
+        """(text before, text after) an observation's content, from the end of a turn's EOS
+        to the next generation prompt, as the chat template renders them."""
+        eos = self.tokenizer.eos_token
+        marker = "\x00OBS\x00"
+        conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        s1 = self._render(conv, False)
+        s2 = self._render(conv + [{"role": "user", "content": marker}], True)
+        if not s2.startswith(s1) or eos not in s1 or s2.count(marker) != 1:
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation.")
+        tail = s1[s1.rfind(eos) + len(eos):]
+        before, after = s2[len(s1):].split(marker)
+        return tail + before, after
+
+    def encode_observation(self, message: Mapping[str, str]) -> tuple[int, ...]:
+        if message.get("role", "user") == "user":
+            before, after = self._obs_frame
+            return self._tok(before + message["content"] + after)
+        conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        s1, s2 = self._render(conv, False), self._render(conv + [dict(message)], True)
+        eos = self.tokenizer.eos_token
+        return self._tok(s1[s1.rfind(eos) + len(eos):] + s2[len(s1):])
+
+    def _encode_turn(self, text: str) -> tuple[int, ...]:
+        return self._tok(text) + (self.eos_id,)
+
+    def context_ids(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None = None) -> list[int]:
+        """The token context for the next turn: prompt + (turn ids, observation ids)*."""
+        ids = list(self.encode_prompt(messages[:2]))
+        seen = self._turns.get(view.episode_id, {}) if view is not None else {}
+        k = 0
+        for m in messages[2:]:
+            if m["role"] == "assistant":
+                rec = seen.get(k)
+                ids.extend(rec[1] if rec is not None and rec[0] == m["content"] else self._encode_turn(m["content"]))
+                k += 1
+            else:
+                ids.extend(self.encode_observation(m))
+        return ids
+
+    def candidates(self, messages: Sequence[Mapping[str, str]]) -> list[str]:
+        """Answer candidates: the payloads of the episode's `<information>` observations."""
+        out = []
+        for m in messages[2:]:
+            if m["role"] != "assistant":
+                info = information_text(m["content"])
+                if info is not None and not info.startswith("error ("):
+                    out.append(unescape(info).strip())
+        return out
+
+    # -- acting -----------------------------------------------------------------------------
+    async def act(self, messages: Sequence[Mapping[str, str]], view: EpisodeView) -> PolicyTurn:
+        ctx = self.context_ids(messages, view)
+        state = None
+        if self.constraint is not None:
+            state = self.constraint.start(self.candidates(messages) if self.answer_candidates else None)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append(_Request(ctx, state, fut))
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._worker = loop.create_task(self._serve())
+        ids, lps = await fut
+        body = ids[:-1] if ids and ids[-1] == self.eos_id else ids
+        text = self.tokenizer.decode(list(body), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        rec = self._turns.setdefault(view.episode_id, {})
+        self._turns.move_to_end(view.episode_id)
+        rec[view.turn] = (text, tuple(ids))
+        while len(self._turns) > 8192:
+            self._turns.popitem(last=False)
+        return PolicyTurn(text, tuple(ids), tuple(lps))
+
+    async def _serve(self):
+        while self._queue:
+            n = -1
+            while n != len(self._queue) and len(self._queue) < self.max_batch_size:
+                n = len(self._queue)
+                await asyncio.sleep(self.batch_window_s)
+            batch = [r for r in self._queue[:self.max_batch_size] if not r.future.done()]
+            del self._queue[:self.max_batch_size]
+            if not batch:
+                continue
+            try:
+                if self.threaded:
+                    results = await asyncio.to_thread(self.generate, [r.context for r in batch], [r.state for r in batch])
+                else:
+                    results = self.generate([r.context for r in batch], [r.state for r in batch])
+            except Exception as e:  # surface the failure in every waiting act()
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+            else:
+                for r, res in zip(batch, results):
+                    if not r.future.done():
+                        r.future.set_result(res)
+
+    @torch.inference_mode()
+    def generate(self, contexts: Sequence[Sequence[int]], states: Sequence[TurnState | None]
+                 ) -> list[tuple[list[int], list[float]]]:
+        """Sample one turn for each context in one batch (left padding, KV cache)."""
+        model, B = self.model, len(contexts)
+        dev = next(model.parameters()).device
+        L = max(len(c) for c in contexts)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for i, c in enumerate(contexts):
+            input_ids[i, L - len(c):] = torch.tensor(c, dtype=torch.long)
+            attn[i, L - len(c):] = 1
+        input_ids, attn = input_ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        self.stats.forward_passes += 1
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(B)
+        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        toks: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        active = [True] * B
+        pos_last = pos[:, -1:]
+        for step in range(self.max_turn_tokens):
+            if self.constraint is not None:
+                mask = torch.stack([st.mask() if act else st.g._ids_mask([self.eos_id])
+                                    for st, act in zip(states, active)]).to(dev)
+                if mask.shape[1] < logits.shape[1]:
+                    mask = torch.nn.functional.pad(mask, (0, logits.shape[1] - mask.shape[1]), value=False)
+                logits = logits.masked_fill(~mask, float("-inf"))
+            scaled = logits / self.temperature if self.temperature > 0 else logits
+            logp = torch.log_softmax(scaled, dim=-1)
+            if self.temperature > 0:
+                nxt = torch.multinomial(logp.exp().cpu(), 1, generator=self.generator).to(dev)
+            else:
+                nxt = logp.argmax(-1, keepdim=True)
+            chosen = logp.gather(1, nxt).clamp(max=0.0).squeeze(1).tolist()
+            nxt_list = nxt.squeeze(1).tolist()
+            for i in range(B):
+                if not active[i]:
+                    continue
+                t = nxt_list[i]
+                toks[i].append(t)
+                lps[i].append(float(chosen[i]))
+                if states[i] is not None:
+                    states[i].advance(t)
+                if t == self.eos_id or (states[i] is not None and states[i].done):
+                    active[i] = False
+            if not any(active) or step == self.max_turn_tokens - 1:
+                break
+            feed = torch.tensor([t if a else self.pad_id for t, a in zip(nxt_list, active)], device=dev)[:, None]
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+            pos_last = pos_last + 1
+            out = model(input_ids=feed, attention_mask=attn, position_ids=pos_last, past_key_values=past,
+                        use_cache=True)
+            self.stats.forward_passes += 1
+            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        self.stats.turns += B
+        self.stats.tokens += sum(len(t) for t in toks)
+        return list(zip(toks, lps))
