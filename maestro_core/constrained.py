@@ -194,7 +194,7 @@ class TurnState:
     def mask(self) -> torch.Tensor:
         g, rem1 = self.g, self.remaining - 1
         if self.phase == "done":
-            return g._ids_mask([g.eos])
+            return g._mask_of(("f", g.eos), lambda: g._ids_mask([g.eos]))
         if self.phase == "forced":
             return g._mask_of(("f", self.forced[self.pos]), lambda: g._ids_mask([self.forced[self.pos]]))
         if self.phase == "trie":

@@ -53,8 +53,8 @@ class PolicyStats:
 class LMPolicy:
     def __init__(self, model, tokenizer, registry: Registry, *, temperature: float = 1.0, max_turn_tokens: int = 24,
                  constrained: bool = True, allow_think: bool = False, answer_candidates: bool = False,
-                 checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.002,
-                 seed: int = 0, threaded: bool = True):
+                 checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
+                 seed: int = 0, threaded: bool = True, share_prefix: bool = True):
         if temperature < 0:
             raise ValueError("temperature must be >= 0 (0 = greedy).")
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
@@ -62,6 +62,7 @@ class LMPolicy:
         self.constrained, self.answer_candidates = constrained, answer_candidates
         self.checkpoint_id = checkpoint_id
         self.max_batch_size, self.batch_window_s, self.threaded = max_batch_size, batch_window_s, threaded
+        self.share_prefix = share_prefix
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.eos_id
@@ -194,27 +195,39 @@ class LMPolicy:
         """Sample one turn for each context in one batch (left padding, KV cache)."""
         model, B = self.model, len(contexts)
         dev = next(model.parameters()).device
-        L = max(len(c) for c in contexts)
+        P = _common_prefix(contexts) if self.share_prefix and B > 1 else 0
+        P = min(P, min(len(c) for c in contexts) - 1)
+        past = None
+        if P >= 16:  # the shared system prompt: prefill it once, then repeat its cache per row
+            out = model(input_ids=torch.tensor([list(contexts[0][:P])], device=dev), use_cache=True, logits_to_keep=1)
+            self.stats.forward_passes += 1
+            past = out.cache
+            past.batch_repeat_interleave(B)
+        else:
+            P = 0
+        L = max(len(c) for c in contexts) - P
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         attn = torch.zeros((B, L), dtype=torch.long)
         for i, c in enumerate(contexts):
-            input_ids[i, L - len(c):] = torch.tensor(c, dtype=torch.long)
-            attn[i, L - len(c):] = 1
+            input_ids[i, L - len(c) + P:] = torch.tensor(c[P:], dtype=torch.long)
+            attn[i, L - len(c) + P:] = 1
         input_ids, attn = input_ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        pos = P + (attn.cumsum(-1) - 1).clamp(min=0)
+        if P:
+            attn = torch.cat([torch.ones((B, P), dtype=attn.dtype, device=dev), attn], dim=1)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, cache=past, use_cache=True,
+                    logits_to_keep=1)
         self.stats.forward_passes += 1
         self.stats.batches += 1
         self.stats.batch_sizes.append(B)
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        past, logits = out.cache, out.logits[:, -1, :].float()
         toks: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         active = [True] * B
         pos_last = pos[:, -1:]
         for step in range(self.max_turn_tokens):
             if self.constraint is not None:
-                mask = torch.stack([st.mask() if act else st.g._ids_mask([self.eos_id])
-                                    for st, act in zip(states, active)]).to(dev)
+                mask = torch.stack([st.mask() for st in states]).to(dev)  # finished rows: EOS only
                 if mask.shape[1] < logits.shape[1]:
                     mask = torch.nn.functional.pad(mask, (0, logits.shape[1] - mask.shape[1]), value=False)
                 logits = logits.masked_fill(~mask, float("-inf"))
@@ -241,10 +254,20 @@ class LMPolicy:
             feed = torch.tensor([t if a else self.pad_id for t, a in zip(nxt_list, active)], device=dev)[:, None]
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
             pos_last = pos_last + 1
-            out = model(input_ids=feed, attention_mask=attn, position_ids=pos_last, past_key_values=past,
-                        use_cache=True)
+            out = model(input_ids=feed, attention_mask=attn, position_ids=pos_last, cache=past,
+                        use_cache=True, logits_to_keep=1)
             self.stats.forward_passes += 1
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+            past, logits = out.cache, out.logits[:, -1, :].float()
         self.stats.turns += B
         self.stats.tokens += sum(len(t) for t in toks)
         return list(zip(toks, lps))
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n

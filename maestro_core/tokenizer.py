@@ -56,9 +56,10 @@ def policy_corpus(registry: Registry, extra: Iterable[str] = ()) -> list[str]:
 
 
 def train_policy_tokenizer(texts: Sequence[str], vocab_size: int = 2048, extra_tokens: Iterable[str] = (),
-                           *, min_frequency: int = 1):
+                           *, min_frequency: int = 1, protocol_tokens: bool = True):
     """Train a byte-level BPE on `texts`; add specials, protocol tags and `extra_tokens`
-    (e.g. `policy_extra_tokens(registry)`) as single tokens; set the chat template."""
+    (e.g. `policy_extra_tokens(registry)`) as single tokens; set the chat template.
+    `protocol_tokens=False` leaves the tags to BPE (multi-token tags, for tests)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,12 +71,13 @@ def train_policy_tokenizer(texts: Sequence[str], vocab_size: int = 2048, extra_t
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
     added, seen = [], set(specials)
-    for t in (*PROTOCOL_TAGS, *extra_tokens):
+    for t in (*(PROTOCOL_TAGS if protocol_tokens else ()), *extra_tokens):
         if t not in seen:
             seen.add(t)
             added.append(AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
                                     special=False))
-    tok.add_tokens(added)
+    if added:
+        tok.add_tokens(added)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=list(ROLE_TOKENS), clean_up_tokenization_spaces=False,
                                    padding_side="left")

@@ -1,0 +1,172 @@
+"""Grammar-constrained action decoding: every sampled turn parses, within its token budget."""
+
+import copy
+
+import pytest
+import torch
+
+from maestro_core.constrained import ActionConstraint, ActionLogitsProcessor
+from maestro_core.errors import ConfigError
+from maestro_core.lm_policy import LMPolicy
+from maestro_core.policy_model import build_tiny_model
+from maestro_core.protocol import Answer, Call, parse_action
+from maestro_core.registry import parse_registry
+from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
+from tests.conftest import BASE_REGISTRY
+
+
+def _registry():
+    d = copy.deepcopy(BASE_REGISTRY)
+    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
+    d["skills"] = [s for s in d["skills"] if s["name"] != "chat"]
+    return parse_registry(d, source="unit.yaml")
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return _registry()
+
+
+@pytest.fixture(scope="module")
+def tok(reg):
+    return train_policy_tokenizer(policy_corpus(reg), extra_tokens=policy_extra_tokens(reg))
+
+
+def _sample(g, gen, candidates=None, scale=3.0):
+    st, ids = g.start(candidates), []
+    while not st.done:
+        m = st.mask()
+        logits = torch.randn(m.shape[0], generator=gen) * scale
+        logits[~m] = float("-inf")
+        t = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        st.advance(t)
+        ids.append(t)
+    return ids
+
+
+@pytest.mark.parametrize("think", [False, True])
+@pytest.mark.parametrize("max_tokens", [6, 9, 24])
+def test_state_machine_always_yields_valid_actions(reg, tok, think, max_tokens):
+    g = ActionConstraint(tok, reg.grammar().actions, max_tokens=max_tokens, allow_think=think)
+    gen = torch.Generator().manual_seed(max_tokens + think)
+    kinds = set()
+    for i in range(150):
+        cands = ["42", "4", "forty two", "a<b"] if i % 3 == 0 else None
+        ids = _sample(g, gen, cands)
+        assert ids[-1] == tok.eos_token_id and len(ids) <= max_tokens
+        text = tok.decode(ids[:-1], skip_special_tokens=False)
+        action = parse_action(text, reg)  # never raises
+        kinds.add(type(action))
+        if cands and isinstance(action, Answer):
+            assert action.text in {"42", "4", "forty two"}
+        if isinstance(action, Call):
+            assert action.target in reg.grammar().actions and text.split(":", 1)[1].startswith(" ")
+        assert think or "<think>" not in text
+    assert kinds == {Answer, Call}
+
+
+def test_multi_token_tags_and_targets_through_tries(reg):
+    """A tokenizer where tags and targets are several tokens (as in SmolLM2's)."""
+    tok = train_policy_tokenizer(policy_corpus(reg), vocab_size=400, protocol_tokens=False)
+    assert len(tok.encode("<call>", add_special_tokens=False)) > 1
+    assert len(tok.encode("counter@@text/letters", add_special_tokens=False)) > 1
+    g = ActionConstraint(tok, reg.grammar().actions, max_tokens=40, allow_think=True)
+    gen = torch.Generator().manual_seed(1)
+    targets = set()
+    for _ in range(200):
+        ids = _sample(g, gen, scale=1.0)
+        action = parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg)
+        if isinstance(action, Call):
+            targets.add(action.target)
+    assert len(targets) >= 5  # the tries reach many targets
+
+
+def test_too_small_budget_is_a_config_error(reg, tok):
+    with pytest.raises(ConfigError, match="max_turn_tokens"):
+        ActionConstraint(tok, reg.grammar().actions, max_tokens=3)
+
+
+def test_thousand_turns_from_a_random_model_all_valid(reg, tok):
+    model = build_tiny_model(tok, hidden=64, layers=2, heads=2, seed=3)
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=16, constrained=True, seed=0)
+    msgs = [{"role": "system", "content": "Route."}, {"role": "user", "content": "Question: What is 2 + 2?"}]
+    ctx = list(pol.encode_prompt(msgs))
+    n = 0
+    for b in range(8):
+        out = pol.generate([ctx[: len(ctx) - (i % 5)] for i in range(125)],
+                           [pol.constraint.start() for _ in range(125)])
+        for ids, lps in out:
+            assert ids[-1] == tok.eos_token_id and len(ids) <= 16 and len(lps) == len(ids)
+            assert all(lp <= 0.0 for lp in lps)
+            parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg)
+            n += 1
+    assert n == 1000 and pol.stats.batches == 8
+
+
+def test_unconstrained_switch_samples_freely(reg, tok):
+    model = build_tiny_model(tok, hidden=64, layers=2, heads=2, seed=3)
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=12, constrained=False, seed=0)
+    assert pol.constraint is None
+    ctx = list(pol.encode_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]))
+    out = pol.generate([ctx] * 64, [None] * 64)
+    invalid = 0
+    for ids, lps in out:
+        assert 1 <= len(ids) <= 12 and len(lps) == len(ids) and all(lp <= 0 for lp in lps)
+        assert tok.eos_token_id not in ids[:-1]  # stops at EOS
+        try:
+            parse_action(tok.decode(ids, skip_special_tokens=False), reg)
+        except Exception:
+            invalid += 1
+    assert invalid > 32  # a random model without the grammar mostly writes garbage
+
+
+def test_logits_processor_with_generate(reg, tok):
+    model = build_tiny_model(tok, hidden=64, layers=2, heads=2, seed=5)
+    g = ActionConstraint(tok, reg.grammar().actions, max_tokens=16)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Question: 2+2?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    enc = tok([prompt] * 4, return_tensors="pt", add_special_tokens=False)
+    from transformers import LogitsProcessorList
+    torch.manual_seed(0)
+    out = model.generate(**enc, do_sample=True, max_new_tokens=16, logits_processor=LogitsProcessorList(
+        [ActionLogitsProcessor(g, 4)]), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        ids = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        parse_action(tok.decode(ids, skip_special_tokens=False), reg)
+
+
+def _smollm2_dir():
+    import glob
+    import os
+    hits = sorted(glob.glob(os.path.join(os.environ.get("MAESTRO_MODELS", ""), "SmolLM2-135M-Instruct*", "tokenizer.json")))
+    return os.path.dirname(hits[0]) if hits else None
+
+
+@pytest.mark.skipif(_smollm2_dir() is None, reason="no converted SmolLM2 in MAESTRO_MODELS (test_lm_experts makes it)")
+def test_smollm2_tokenizer_multi_token_targets_and_exact_template():
+    """An arbitrary HF tokenizer: multi-token targets through the trie; the observation frame
+    (`\\n<|im_start|>user\\n ... <|im_end|>\\n<|im_start|>assistant\\n`) keeps the context exact."""
+    from maestro_core.episode import build_messages
+    from maestro_core.dataset import Item
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.tokenizer import load_policy_tokenizer
+    reg = load_registry(DEFAULT_REGISTRY)
+    tok = load_policy_tokenizer(_smollm2_dir())
+    g = ActionConstraint(tok, reg.grammar().actions, max_tokens=32)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        ids = _sample(g, gen, scale=1.0)
+        assert len(ids) <= 32 and ids[-1] == tok.eos_token_id
+        parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg)
+
+    class _NoModel:
+        pass
+    pol = LMPolicy(_NoModel(), tok, reg, max_turn_tokens=32)
+    msgs = build_messages(reg, Item(id="a", benchmark="b", question="What is 3 + 4?", answer="7", scorer="numeric"))
+    convo = msgs + [{"role": "assistant", "content": "<call>calc@@math: 3 + 4</call>"},
+                    {"role": "user", "content": "<information>7</information>"},
+                    {"role": "assistant", "content": "<answer>7</answer>"}]
+    want = tok(tok.apply_chat_template(convo, tokenize=False), add_special_tokens=False)["input_ids"]
+    got = list(pol.encode_prompt(msgs)) + list(pol._encode_turn(convo[2]["content"])) + \
+        list(pol.encode_observation(convo[3])) + list(pol._encode_turn(convo[4]["content"]))
+    assert got == want[:len(got)] and tok.decode(want[len(got):]) == "\n"  # the template's trailing newline

@@ -1,0 +1,180 @@
+"""The learned policy: tokenizer, tiny model, exact token accounting, logprobs, micro-batching."""
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+from maestro_core.dataset import Item
+from maestro_core.episode import EpisodeConfig, EpisodeRunner, build_messages
+from maestro_core.experts import build_experts
+from maestro_core.lm_policy import LMPolicy
+from maestro_core.policy import EpisodeView, Policy
+from maestro_core.policy_model import build_tiny_model, load_policy_model
+from maestro_core.protocol import parse_action
+from maestro_core.registry import parse_registry
+from maestro_core.tokenizer import (PROTOCOL_TAGS, load_policy_tokenizer, policy_corpus, policy_extra_tokens,
+                                    train_policy_tokenizer)
+from tests.conftest import BASE_REGISTRY
+
+ITEMS = [Item(id=f"m{i}", benchmark="math", question=f"What is {i} + {i * 3}?", answer=str(4 * i), scorer="numeric")
+         for i in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def reg():
+    d = copy.deepcopy(BASE_REGISTRY)
+    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
+    d["skills"] = [s for s in d["skills"] if s["name"] != "chat"]
+    return parse_registry(d, source="unit.yaml")
+
+
+@pytest.fixture(scope="module")
+def tok(reg):
+    return train_policy_tokenizer(policy_corpus(reg), extra_tokens=policy_extra_tokens(reg))
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_tiny_model(tok, hidden=64, layers=2, heads=2, seed=0)
+
+
+def test_tokenizer_single_tokens_template_and_roundtrip(reg, tok, tmp_path):
+    for t in (*PROTOCOL_TAGS, *reg.grammar().actions):
+        assert len(tok.encode(t, add_special_tokens=False)) == 1, t
+    text = "<call>counter@@text/letters: how many letters in 'abc'?</call>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text  # tags and targets survive decode
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        "<|bos|><|system|>S<|end|><|user|>Q<|end|><|assistant|>"
+    tok.save_pretrained(tmp_path)
+    tok2 = load_policy_tokenizer(tmp_path)
+    assert tok2.encode(text, add_special_tokens=False) == ids and tok2.eos_token == "<|end|>"
+    assert tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_tiny_model_seeded_and_from_pretrained_roundtrip(tok, tmp_path):
+    a = build_tiny_model(tok, hidden=32, layers=1, heads=2, seed=7)
+    b = build_tiny_model(tok, hidden=32, layers=1, heads=2, seed=7)
+    x = torch.tensor([tok.encode("<call>calc@@math: 1+1</call>", add_special_tokens=False)])
+    with torch.no_grad():
+        la = a(x).logits
+        assert torch.equal(la, b(x).logits)
+        a.save_pretrained(tmp_path)
+        c = load_policy_model(tmp_path)
+        assert type(c).__name__ == "LlamaForCausalLM" and torch.allclose(la, c(x).logits, atol=1e-5)
+
+
+def test_context_is_the_chat_template_token_by_token(reg, tok, model):
+    """Prompt + turns (+EOS) + observations concatenate to exactly the template's tokenisation."""
+    pol = LMPolicy(model, tok, reg)
+    assert isinstance(pol, Policy)
+    msgs = build_messages(reg, ITEMS[0])
+    convo = msgs + [{"role": "assistant", "content": "<call>calc@@math: 1 + 3</call>"},
+                    {"role": "user", "content": "<information>4 (confidence 1.00)</information>"},
+                    {"role": "assistant", "content": "<answer>4</answer>"}]
+    rendered = tok.apply_chat_template(convo, tokenize=False)
+    want = tok(rendered, add_special_tokens=False)["input_ids"]
+    got = list(pol.encode_prompt(msgs)) + list(pol._encode_turn(convo[2]["content"])) + \
+        list(pol.encode_observation(convo[3])) + list(pol._encode_turn(convo[4]["content"]))
+    assert [int(i) for i in got] == want
+    assert pol.context_ids(convo[:4]) == list(tok(tok.apply_chat_template(convo[:4], tokenize=False,
+                                                                          add_generation_prompt=True),
+                                                  add_special_tokens=False)["input_ids"])
+
+
+async def test_episode_token_accounting_and_env_mask(reg, tok, model):
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=16, seed=1)
+    runner = EpisodeRunner(reg, build_experts(reg), pol, config=EpisodeConfig(max_turns=3))
+    trajs = await runner.run(ITEMS, group_size=2)
+    n_obs = n_turns = n_canonical = n_exact = 0
+    for item, tr in zip([it for it in ITEMS for _ in range(2)], trajs):
+        convo = build_messages(reg, item)
+        assert tr.prompt_ids == pol.encode_prompt(convo)
+        full = list(tr.prompt_ids) + tr.completion_ids()
+        mask = tr.env_mask()
+        assert len(mask) == len(tr.completion_ids()) == len(tr.completion_logprobs())
+        pos = 0
+        for s in tr.steps:
+            n_turns += 1
+            assert s.action in ("call", "answer")  # constrained: never invalid
+            assert s.completion_ids[-1] == tok.eos_token_id and len(s.logprobs) == len(s.completion_ids)
+            assert all(lp <= 0.0 for lp in s.logprobs)
+            assert mask[pos:pos + len(s.completion_ids)] == [1] * len(s.completion_ids)
+            assert tok.decode(list(s.completion_ids), skip_special_tokens=False) == s.text + "<|end|>"
+            canonical = list(s.completion_ids) == tok.encode(s.text, add_special_tokens=False) + [tok.eos_token_id]
+            n_canonical += canonical
+            pos += len(s.completion_ids)
+            convo.append({"role": "assistant", "content": s.text})
+            if s.observation_ids:
+                n_obs += 1
+                span = tr.completion_ids()[pos:pos + len(s.observation_ids)]
+                assert mask[pos:pos + len(span)] == [0] * len(span)
+                # exactly the template's tokens for this observation and the next generation prompt
+                assert span == tok.encode(f"<|user|>{s.observation}<|end|><|assistant|>", add_special_tokens=False)
+                assert span[0] == tok.convert_tokens_to_ids("<|user|>")
+                assert span[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+                pos += len(span)
+                convo.append({"role": "user", "content": s.observation})
+        assert pos == len(mask)
+        rendered = tok.apply_chat_template(convo, tokenize=False)
+        # the sequence decodes to the template's rendering, and equals its tokenisation
+        # wherever the sampled tokens are the canonical ones
+        assert tok.decode(full, skip_special_tokens=False) == rendered
+        if all(list(s.completion_ids) == tok.encode(s.text, add_special_tokens=False) + [tok.eos_token_id]
+               for s in tr.steps):
+            assert full == tok(rendered, add_special_tokens=False)["input_ids"]
+            n_exact += 1
+    assert n_obs > 0 and n_turns > len(trajs) and n_exact > 0
+
+
+async def test_concurrent_acts_are_micro_batched(reg, tok, model):
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=12, seed=2)
+    runner = EpisodeRunner(reg, build_experts(reg), pol, config=EpisodeConfig(max_turns=3))
+    trajs = await runner.run(ITEMS * 2)
+    turns = sum(len(t.steps) for t in trajs)
+    assert pol.stats.turns == turns and pol.stats.batch_sizes[0] == 16
+    assert pol.stats.batches <= turns / 3
+    # per batch: the shared prefix, one prefill, one step per further token
+    assert pol.stats.forward_passes <= pol.stats.batches * 13
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_sampling_logprobs_match_a_teacher_forced_pass(reg, tok, model, share_prefix):
+    """Left padding, positions and the KV cache: the recorded logprobs are the processed
+    distribution's, recomputed here one sequence at a time without padding."""
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=14, temperature=0.7, seed=4, share_prefix=share_prefix)
+    base = list(pol.encode_prompt(build_messages(reg, ITEMS[0])))
+    contexts = [base, base[:-9] + base[-1:], base + list(pol.encode_observation({"role": "user", "content": "x"}))]
+    out = pol.generate(contexts, [pol.constraint.start() for _ in contexts])
+    assert pol.stats.forward_passes - pol.stats.batches == (1 if share_prefix else 0) + max(len(i) for i, _ in out) - 1
+    for ctx, (ids, lps) in zip(contexts, out):
+        st = pol.constraint.start()
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1:-1].float()
+        for k, t in enumerate(ids):
+            m = st.mask()
+            lp = torch.log_softmax(logits[k].masked_fill(~m, float("-inf")) / 0.7, -1)[t]
+            assert abs(float(lp) - lps[k]) < 1e-4
+            st.advance(t)
+        assert st.done
+
+
+async def test_act_returns_parsed_turns_and_unconstrained_policy(reg, tok, model):
+    msgs = build_messages(reg, ITEMS[0])
+    pol = LMPolicy(model, tok, reg, constrained=False, max_turn_tokens=8)
+    turns = await asyncio.gather(*[pol.act(list(msgs), EpisodeView(f"e{i}", 0, 0)) for i in range(8)])
+    assert pol.stats.batches == 1
+    for t in turns:
+        assert 1 <= len(t.token_ids) <= 8 and len(t.logprobs) == len(t.token_ids)
+    pol_c = LMPolicy(model, tok, reg, answer_candidates=True, max_turn_tokens=12)
+    convo = msgs + [{"role": "assistant", "content": "<call>calc@@math: 1 + 3</call>"},
+                    {"role": "user", "content": "<information>4 (confidence 1.00)</information>"}]
+    assert pol_c.candidates(convo) == ["4"]
+    for _ in range(3):
+        t = await pol_c.act(convo, EpisodeView("e", 0, 1))
+        a = parse_action(t.text, reg)
+        assert getattr(a, "text", "4") == "4"
