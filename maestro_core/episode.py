@@ -23,7 +23,7 @@ from maestro_core.dataset import Item
 from maestro_core.errors import ConfigError, ExpertError, ExpertTimeout, ModelBehaviorError
 from maestro_core.experts.base import ExpertBackend
 from maestro_core.policy import EpisodeView, Policy
-from maestro_core.protocol import PROTOCOL_TEXT, Answer, Call, error_observation, observation, parse_action
+from maestro_core.protocol import PROTOCOL_TEXT, PROTOCOL_TEXT_COMPACT, Answer, Call, error_observation, observation, parse_action
 from maestro_core.registry import Registry
 from maestro_core.rewards import RewardConfig, compute_reward
 from maestro_core.skills import SkillResult, resolve_solver, run_skill
@@ -41,6 +41,8 @@ class EpisodeConfig:
     max_concurrency: int = field(default=256, metadata={"help": "Episodes in flight at once."})
     observation_max_chars: int = field(default=2000, metadata={"help": "Longer expert output is truncated."})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "Reward terms."})
+    compact_prompt: bool = field(default=False, metadata={
+        "help": "Short system prompt (valid actions only): the CPU profile, where the prompt dominates the update."})
 
     def __post_init__(self):
         if self.max_turns < 1:
@@ -64,9 +66,12 @@ def image_descriptor(index: int, path: str) -> str:
 
 
 def build_messages(registry: Registry, item: Item, *, cost_budget: float | None = None,
-                   cost_lambda: float | None = None) -> list[dict[str, str]]:
+                   cost_lambda: float | None = None, compact: bool = False) -> list[dict[str, str]]:
     """The policy's prompt: system = catalogue + protocol; user = question, images, budget."""
-    system = f"{registry.catalogue()}\n\n{PROTOCOL_TEXT}"
+    if compact:
+        system = f"{registry.catalogue(compact=True)}\n{PROTOCOL_TEXT_COMPACT}"
+    else:
+        system = f"{registry.catalogue()}\n\n{PROTOCOL_TEXT}"
     if cost_lambda:
         system += f"\nCost weight: {cost_lambda:g} (higher means cheaper routes are worth more)."
     user = f"Question: {item.question}"
@@ -119,7 +124,7 @@ class EpisodeRunner:
         lam = cfg.reward.cost_lambda if cost_lambda is None else cost_lambda
         eid = episode_id(run_id, iteration, item.id, sample_index)
         messages = build_messages(self.registry, item, cost_budget=cfg.cost_budget,
-                                  cost_lambda=lam if cost_lambda is not None else None)
+                                  cost_lambda=lam if cost_lambda is not None else None, compact=cfg.compact_prompt)
         prompt_ids = tuple(self.policy.encode_prompt(messages))
         steps: list[StepRecord] = []
         answer: str | None = None

@@ -29,6 +29,8 @@ PROTOCOL_TEXT = (
     "solver), or <answer>final answer</answer> to finish. Results come back inside <information>...</information>."
 )
 
+PROTOCOL_TEXT_COMPACT = "One action per turn: <call>ACTION: input</call> or <answer>text</answer>."
+
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _ACTION = re.compile(r"<(call|answer)>(.*?)</\1>", re.DOTALL)
 _TAG = re.compile(r"</?(?:call|answer|think|information)>")

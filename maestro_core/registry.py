@@ -192,9 +192,12 @@ class Registry:
         return ActionGrammar(tuple(sorted(out)))
 
     # -- rendering ------------------------------------------------------------------------
-    def catalogue(self) -> str:
+    def catalogue(self, compact: bool = False) -> str:
         """The text shown to the policy: experts with price, skills with solvers, and the
-        valid pairs."""
+        valid pairs. `compact`: only the valid actions (the CPU profile: a short prompt, each
+        action one token of the policy's own tokenizer)."""
+        if compact:
+            return "Actions: " + " ".join(self.grammar().actions)
         lines = ["Experts:"]
         for e in self.experts.values():
             p = e.price

@@ -111,3 +111,10 @@ async def test_cache_hits_keep_original_cost_and_rewards(registry):
     assert all(s.cache_hit is True for t in second for s in t.steps if s.action == "call")
     for a, b in zip(first, second):
         assert (a.reward, a.total_cost, a.total_latency_s) == (b.reward, b.total_cost, b.total_latency_s)
+
+
+def test_compact_prompt_lists_only_actions(registry):
+    msgs = build_messages(registry, ITEMS[0], compact=True)
+    assert msgs[0]["content"].startswith("Actions: calc@@math ")
+    assert "Experts:" not in msgs[0]["content"] and "<call>ACTION: input</call>" in msgs[0]["content"]
+    assert msgs[1]["content"] == f"Question: {ITEMS[0].question}"
