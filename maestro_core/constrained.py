@@ -5,7 +5,8 @@
     while not state.done:
         logits[~state.mask()] = -inf; tok = sample(logits); state.advance(tok)
 
-A turn is `<call>` + one valid target + `:` + text (first token starts with a space; no '<'
+A turn is `<call>` + one valid target + (`</call>` + EOS when `forward_question`: the
+expert gets the task's question) or `:` + text (first token starts with a space; no '<'
 anywhere; at least one non-space character) + `</call>` + EOS, or `<answer>` + text (no '<',
 non-empty) + `</answer>` + EOS, optionally preceded by `<think>` + text + `</think>`
 (`allow_think`). The text is bounded: the state machine counts the tokens left and forces
@@ -97,7 +98,7 @@ class ActionConstraint:
     """The grammar of one policy turn over a tokenizer's vocabulary (build once, share)."""
 
     def __init__(self, tokenizer, actions: Iterable[str], *, max_tokens: int = 24, allow_think: bool = False,
-                 vocab_size: int | None = None):
+                 forward_question: bool = False, vocab_size: int | None = None):
         actions = tuple(actions)
         if not actions:
             raise ConfigError("the registry grammar has no actions.", fix="check the registry's experts and skills.")
@@ -109,7 +110,13 @@ class ActionConstraint:
         self.close = {k: enc(f"</{k}>") for k in ("think", "call", "answer")}
         # after the text: the close tag, then EOS (call/answer) or the action (think)
         self.text_tail = {"call": len(self.close["call"]) + 1, "answer": len(self.close["answer"]) + 1}
-        self.targets = TokenTrie([(enc(f"{a}:"), a) for a in actions], {a: 1 + self.text_tail["call"] for a in actions})
+        seqs = [(enc(f"{a}:"), a) for a in actions]
+        tails = {a: 1 + self.text_tail["call"] for a in actions}
+        if forward_question:
+            # `<call>TARGET</call>`: forward the task's question (then only EOS follows)
+            seqs += [(enc(a) + self.close["call"], ("forward", a)) for a in actions]
+            tails.update({("forward", a): 1 for a in actions})
+        self.targets = TokenTrie(seqs, tails)
         self.after_open = {"call": self.targets.need[0], "answer": 1 + self.text_tail["answer"]}
         self.openers = TokenTrie([(self.open[k], k) for k in ("call", "answer")], self.after_open)
         self.min_action = self.openers.need[0]
@@ -257,7 +264,10 @@ class TurnState:
             if trie is self.cand:
                 self._enter_forced(g.close["answer"], "eos")
             elif trie is g.targets:
-                self._enter_text("call")
+                if isinstance(lab, tuple):  # a forwarded call: the close tag is in; EOS ends the turn
+                    self._enter_forced((g.eos,), "done")
+                else:
+                    self._enter_text("call")
             elif lab == "think":
                 self._enter_text("think")
             elif lab == "call":

@@ -145,6 +145,8 @@ class EpisodeRunner:
                     answer, finish = action.text, "answer"
                     steps.append(StepRecord(action="answer", **rec))
                     break
+                if not action.input:  # a call without input forwards the task's question
+                    action = replace(action, input=item.question)
                 rec.update(await self._call(action, item.images, spent_cost))
                 spent_cost += rec.get("cost", 0.0)
             last = turn == cfg.max_turns - 1

@@ -53,6 +53,7 @@ class PolicyStats:
 class LMPolicy:
     def __init__(self, model, tokenizer, registry: Registry, *, temperature: float = 1.0, max_turn_tokens: int = 24,
                  constrained: bool = True, allow_think: bool = False, answer_candidates: bool = False,
+                 forward_question: bool = False,
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
                  seed: int = 0, threaded: bool = True, share_prefix: bool = True):
         if temperature < 0:
@@ -67,7 +68,8 @@ class LMPolicy:
         if self.pad_id is None:
             self.pad_id = self.eos_id
         self.constraint = (ActionConstraint(tokenizer, registry.grammar().actions, max_tokens=max_turn_tokens,
-                                            allow_think=allow_think) if constrained else None)
+                                            allow_think=allow_think, forward_question=forward_question)
+                           if constrained else None)
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = PolicyStats()
         self._queue: list[_Request] = []

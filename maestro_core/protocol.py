@@ -4,6 +4,10 @@ One policy turn is an optional `<think>...</think>` followed by exactly one acti
 
     <call>EXPERT@@SKILL[/SOLVER]: input text</call>     or     <answer>...</answer>
 
+A call without input (`<call>EXPERT@@SKILL</call>`) forwards the task's own question to the
+expert (`Call.input` is then ""; the runner fills it in): a small policy can route without
+having to copy the question.
+
 `parse_action(text, registry)` returns a `Call` or an `Answer`, or raises a
 `ModelBehaviorError` subclass (malformed text, two actions, unknown names, an incompatible
 pair). The runner never lets that escape an episode: it shows `error_observation(err)` to the
@@ -34,7 +38,7 @@ PROTOCOL_TEXT_COMPACT = "One action per turn: <call>ACTION: input</call> or <ans
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _ACTION = re.compile(r"<(call|answer)>(.*?)</\1>", re.DOTALL)
 _TAG = re.compile(r"</?(?:call|answer|think|information)>")
-_TARGET = re.compile(r"^\s*([^\s@:/]+)@@([^\s@:/]+)(?:/([^\s@:/]+))?\s*:(.*)$", re.DOTALL)
+_TARGET = re.compile(r"^\s*([^\s@:/]+)@@([^\s@:/]+)(?:/([^\s@:/]+))?\s*(?::(.*))?$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,9 @@ def parse_action(text: str, registry: Registry) -> Action:
     t = _TARGET.match(inner)
     if not t:
         raise MalformedAction("a call must look like <call>EXPERT@@SKILL: input</call>.")
-    expert, skill, solver, call_input = t.group(1), t.group(2), t.group(3), t.group(4).strip()
+    expert, skill, solver = t.group(1), t.group(2), t.group(3)
+    forward = t.group(4) is None  # <call>EXPERT@@SKILL</call>: the expert gets the task's question
+    call_input = "" if forward else t.group(4).strip()
     if expert not in registry.experts:
         raise UnknownExpert(f"unknown expert '{expert}'; experts: {', '.join(registry.experts)}.")
     if skill not in registry.skills:
@@ -97,7 +103,7 @@ def parse_action(text: str, registry: Registry) -> Action:
     if not registry.compatible(expert, skill, solver):
         raise IncompatiblePair(f"{expert} cannot run {skill}{'/' + solver if solver else ''}: it lacks a "
                                "capability this skill needs.")
-    if not call_input:
+    if not call_input and not forward:
         raise MalformedAction("empty call input: write the question for the expert after the colon.")
     return Call(expert, skill, solver, call_input)
 

@@ -138,7 +138,7 @@ class ActionGrammar:
 
     def regex(self) -> str:
         targets = "|".join(re.escape(a) for a in self.actions)
-        return (r"(?:<think>[^<]*</think>\s*)?(?:<call>(?:" + targets + r"): [^<]*</call>"
+        return (r"(?:<think>[^<]*</think>\s*)?(?:<call>(?:" + targets + r")(?:: [^<]*)?</call>"
                 r"|<answer>[^<]*</answer>)")
 
     def ebnf(self) -> str:
@@ -146,7 +146,7 @@ class ActionGrammar:
         return "\n".join([
             'root   ::= think? (call | answer)',
             'think  ::= "<think>" text "</think>" ws',
-            'call   ::= "<call>" target ": " text "</call>"',
+            'call   ::= "<call>" target (": " text)? "</call>"',
             'answer ::= "<answer>" text "</answer>"',
             f'target ::= {targets}',
             'text   ::= [^<]*',

@@ -170,3 +170,21 @@ def test_smollm2_tokenizer_multi_token_targets_and_exact_template():
     got = list(pol.encode_prompt(msgs)) + list(pol._encode_turn(convo[2]["content"])) + \
         list(pol.encode_observation(convo[3])) + list(pol._encode_turn(convo[4]["content"]))
     assert got == want[:len(got)] and tok.decode(want[len(got):]) == "\n"  # the template's trailing newline
+
+
+@pytest.mark.parametrize("multi_token", [False, True])
+def test_forward_question_calls_are_valid_and_reachable(reg, tok, multi_token):
+    """`<call>TARGET</call>` + EOS (the expert gets the task's question) beside normal calls."""
+    if multi_token:
+        tok = train_policy_tokenizer(policy_corpus(reg), vocab_size=400, protocol_tokens=False)
+    g = ActionConstraint(tok, reg.grammar().actions, max_tokens=40 if multi_token else 12, forward_question=True)
+    gen = torch.Generator().manual_seed(2)
+    forwarded = typed = 0
+    for _ in range(300):
+        ids = _sample(g, gen, scale=1.0)
+        assert ids[-1] == tok.eos_token_id
+        action = parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg)
+        if isinstance(action, Call):
+            forwarded += action.input == ""
+            typed += action.input != ""
+    assert forwarded > 0 and typed > 0

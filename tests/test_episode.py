@@ -118,3 +118,10 @@ def test_compact_prompt_lists_only_actions(registry):
     assert msgs[0]["content"].startswith("Actions: calc@@math ")
     assert "Experts:" not in msgs[0]["content"] and "<call>ACTION: input</call>" in msgs[0]["content"]
     assert msgs[1]["content"] == f"Question: {ITEMS[0].question}"
+
+
+async def test_call_without_input_forwards_the_question(registry):
+    runner = EpisodeRunner(registry, build_experts(registry), ScriptedPolicy(
+        lambda q, obs, v: "<call>calc@@math</call>" if not obs else f"<answer>{information_text(obs[-1])}</answer>"))
+    (t,) = await runner.run([ITEMS[2]])
+    assert t.steps[0].call_input == ITEMS[2].question and t.outcome == 1.0
