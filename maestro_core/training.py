@@ -1,0 +1,167 @@
+"""The training loop: collect episodes with checkpoint k, store them, GRPO update to k+1.
+
+    result = train_policy(registry, train_items, val_items, store=store, experts=experts,
+                          config=TrainConfig(iterations=40), out_dir=home / "runs" / run_id)
+
+Each iteration samples `prompts_per_iteration` train items, runs `num_generations` episodes
+per item with the current weights (the LM policy, grammar-constrained, the compact prompt),
+writes them as a shard and into DuckDB, then makes one GRPO optimizer step from exactly
+those episodes (on-policy: collect once per step). Every `eval_every` iterations the greedy
+policy is scored on validation items and a checkpoint is saved; a curve row is kept per
+iteration. Collection and update are separate functions (`collect`, `update`) so the
+pipeline can run them as separate retryable tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from maestro_core.cache import ExpertCache
+from maestro_core.dataset import Item
+from maestro_core.episode import EpisodeConfig, EpisodeRunner
+from maestro_core.errors import ConfigError
+from maestro_core.grpo import GRPOSettings, grpo_update
+from maestro_core.registry import Registry
+from maestro_core.rewards import RewardConfig
+from maestro_core.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = field(default=40, metadata={"help": "GRPO iterations (one collect + one update each)."})
+    prompts_per_iteration: int = field(default=16, metadata={"help": "Train items per iteration."})
+    max_turns: int = field(default=3, metadata={"help": "Policy turns per episode."})
+    max_turn_tokens: int = field(default=12, metadata={"help": "Tokens per policy turn (constrained decoding)."})
+    hidden: int = field(default=256, metadata={"help": "Policy model width (a Llama built from a config)."})
+    layers: int = field(default=4, metadata={"help": "Policy model layers."})
+    heads: int = field(default=4, metadata={"help": "Attention heads."})
+    vocab_size: int = field(default=2048, metadata={"help": "Policy tokenizer size (trained on the suite)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
+    val_items: int = field(default=50, metadata={"help": "Validation items scored at each evaluation."})
+    cost_lambda_max: float = field(default=0.0, metadata={
+        "help": "Cost weight sampled uniformly in [0, max] per episode and shown in the prompt (0: off)."})
+    cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
+    seed: int = field(default=0, metadata={"help": "Seed of item sampling, model init and sampling."})
+    grpo: GRPOSettings = field(default_factory=GRPOSettings.cpu_profile, metadata={"help": "GRPO settings."})
+
+    def __post_init__(self):
+        for name in ("iterations", "prompts_per_iteration", "max_turns", "eval_every", "val_items"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1.", field=name, fix=f"set {name} to a positive integer.")
+        if self.cost_lambda_max < 0:
+            raise ConfigError("cost_lambda_max must be >= 0.", field="cost_lambda_max", fix="use 0 to switch it off.")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    curve: list[dict]
+    checkpoints: list[str]
+    best_checkpoint: str | None
+    best_val_accuracy: float | None
+
+
+def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None):
+    """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config."""
+    from maestro_core.lm_policy import LMPolicy
+    from maestro_core.policy_model import build_tiny_model
+    from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
+
+    tok = train_policy_tokenizer(policy_corpus(registry, texts), vocab_size=config.vocab_size,
+                                 extra_tokens=policy_extra_tokens(registry))
+    model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed)
+    policy = LMPolicy(model, tok, registry, temperature=config.temperature if temperature is None else temperature,
+                      max_turn_tokens=config.max_turn_tokens, constrained=True, forward_question=True,
+                      seed=config.seed, checkpoint_id="init")
+    return model, tok, policy
+
+
+def episode_config(config: TrainConfig) -> EpisodeConfig:
+    return EpisodeConfig(max_turns=config.max_turns, call_timeout_s=1800, compact_prompt=True,
+                         reward=RewardConfig(cost_scale=config.cost_scale))
+
+
+def collect(runner: EpisodeRunner, items: Sequence[Item], config: TrainConfig, *, run_id: str, iteration: int,
+            rng: random.Random) -> list[Trajectory]:
+    """One iteration's episodes: `num_generations` per item, cost weight sampled per episode."""
+    lams = [rng.uniform(0.0, config.cost_lambda_max) if config.cost_lambda_max else None
+            for _ in range(len(items) * config.grpo.num_generations)]
+    return asyncio.run(runner.run(items, group_size=config.grpo.num_generations, run_id=run_id, iteration=iteration,
+                                  cost_lambda=(lambda k: lams[k]) if config.cost_lambda_max else None))
+
+
+def update(model, tokenizer, trajectories: Sequence[Trajectory], config: TrainConfig, out_dir: Path):
+    model.train()
+    return grpo_update(model, tokenizer, list(trajectories), config.grpo, str(out_dir / "trainer"))
+
+
+def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config: TrainConfig, experts, cache) -> dict:
+    """Greedy policy on `items`: accuracy, calls and cost per task."""
+    from maestro_core.lm_policy import LMPolicy
+
+    model.eval()
+    greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, max_turn_tokens=config.max_turn_tokens,
+                      constrained=True, forward_question=True, checkpoint_id="validation")
+    runner = EpisodeRunner(registry, experts, greedy, cache=cache, config=episode_config(config))
+    trajs = asyncio.run(runner.run(list(items), run_id="validation"))
+    n = max(1, len(trajs))
+    return {"val_accuracy": sum(t.outcome for t in trajs) / n, "val_calls_per_task": sum(t.n_calls for t in trajs) / n,
+            "val_cost_per_task": sum(t.total_cost for t in trajs) / n}
+
+
+def save_checkpoint(model, tokenizer, path: Path, meta: dict) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "maestro.json").write_text(json.dumps(meta, indent=2, default=str))
+    return str(path)
+
+
+def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store, experts,
+                 config: TrainConfig, out_dir: Path, run_id: str | None = None,
+                 log: Callable[[str], None] = print) -> TrainResult:
+    if not train_items:
+        raise ConfigError("no train items.", fix="build the suite (maestro build-dataset) or pass a train split.")
+    run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(out_dir)
+    rng = random.Random(config.seed)
+    model, tok, policy = build_policy(registry, [it.question for it in train_items], config)
+    cache = ExpertCache(store)
+    runner = EpisodeRunner(registry, experts, policy, cache=cache, config=episode_config(config))
+    store.record_run(run_id, "train", {"config": asdict(config), "n_train": len(train_items)}, registry.version)
+    val = list(val_items)[: config.val_items]
+    curve, checkpoints = [], []
+    best: tuple[float, str] | None = None
+    for it in range(config.iterations):
+        t0 = time.perf_counter()
+        policy.checkpoint_id = f"{run_id}/ckpt-{it}"
+        batch = rng.sample(list(train_items), min(config.prompts_per_iteration, len(train_items)))
+        trajs = collect(runner, batch, config, run_id=run_id, iteration=it, rng=rng)
+        store.write_and_ingest(trajs, run_id, it, 0)
+        t1 = time.perf_counter()
+        res = update(model, tok, trajs, config, out_dir)
+        n = len(trajs)
+        row = {"iteration": it, "mean_reward": sum(t.reward for t in trajs) / n,
+               "accuracy": sum(t.outcome for t in trajs) / n, "calls_per_task": sum(t.n_calls for t in trajs) / n,
+               "cost_per_task": sum(t.total_cost for t in trajs) / n, "loss": res.loss,
+               "collect_s": t1 - t0, "update_s": time.perf_counter() - t1}
+        if (it + 1) % config.eval_every == 0 or it == config.iterations - 1:
+            row.update(validate(registry, model, tok, val, config, experts, cache))
+            ck = save_checkpoint(model, tok, out_dir / f"ckpt-{it + 1}", {
+                "run_id": run_id, "iteration": it + 1, "registry_version": registry.version, **row})
+            checkpoints.append(ck)
+            if best is None or row["val_accuracy"] > best[0]:
+                best = (row["val_accuracy"], ck)
+        curve.append(row)
+        log(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    cache.flush()
+    (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
+    store.set_run_status(run_id, "completed")
+    return TrainResult(run_id, curve, checkpoints, best[1] if best else None, best[0] if best else None)

@@ -1,0 +1,31 @@
+"""The training loop end to end on in-process experts: collect -> store -> GRPO update -> validate."""
+
+import json
+
+from maestro_core.dataset import Item
+from maestro_core.experts import build_experts
+from maestro_core.grpo import GRPOSettings
+from maestro_core.registry import parse_registry
+from maestro_core.store import Store
+from maestro_core.training import TrainConfig, train_policy
+
+
+def test_two_iterations_store_update_and_checkpoint(registry_dict, tmp_path):
+    registry_dict["experts"] = registry_dict["experts"][:2]
+    registry_dict["skills"] = registry_dict["skills"][:2]
+    reg = parse_registry(registry_dict)
+    items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(6)]
+    cfg = TrainConfig(iterations=2, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
+                      eval_every=2, val_items=3, cost_lambda_max=0.5,
+                      grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
+    with Store(tmp_path / "home") as store:
+        res = train_policy(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
+                           out_dir=tmp_path / "run", run_id="t1", log=lambda s: None)
+        assert store.count_episodes("t1") == 2 * 4 * 4
+        trajs = store.trajectories("t1", 0)
+        assert all(t.prompt_ids and t.steps[-1].completion_ids for t in trajs)
+        assert {t.checkpoint_id for t in trajs} == {"t1/ckpt-0"}
+        assert len({t.cost_lambda for t in trajs}) > 1  # sampled per episode
+    assert [r["iteration"] for r in res.curve] == [0, 1] and "val_accuracy" in res.curve[1]
+    assert res.checkpoints and (tmp_path / "run" / "ckpt-2" / "config.json").exists()
+    assert json.loads((tmp_path / "run" / "curve.json").read_text())[0]["mean_reward"] == res.curve[0]["mean_reward"]
