@@ -1,10 +1,12 @@
 """The `maestro` command (installed into .venv/bin by `make setup`).
 
     maestro registry validate FILE     check a registry; exit non-zero with the entry, field and fix
-    maestro registry publish FILE      record a new registry version in the store
+    maestro registry publish FILE      record a new registry version; emit maestro.registry.updated
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
     maestro eval [--checkpoint none] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
+    maestro collect --policy SPEC [--data FILE] [--runner local|dask] ...
+                                       collect rollouts in chunks (one shard each), load them into the store
     maestro demo                       the main job: build the suite, warm up, evaluate baselines
 
 It lives on the top floor (flows/) because its commands start flows; the logic is in
@@ -29,13 +31,16 @@ def _validate(args) -> int:
 
 
 def _publish(args) -> int:
+    """Runs the publish_registry task (in the `publish-registry` flow): records the version and
+    emits `maestro.registry.updated` to the Prefect API ($PREFECT_API_URL, else the ephemeral
+    one), which starts the deployments triggered by it."""
     from maestro_core.registry import load_registry
-    from maestro_core.store import Store
-    reg = load_registry(args.file)
-    with Store(args.home) as store:
-        new = store.record_registry(reg)
-    state = "published new version" if new else "already published"
-    print(f"{args.file}: {state} {reg.version} of '{reg.name}'")
+    load_registry(args.file)  # a bad file fails here, before Prefect starts
+    from flows.pipeline import publish_registry_flow
+    res = publish_registry_flow(args.file, home=args.home)
+    state = "published new version" if res["new"] else "already published"
+    print(f"{args.file}: {state} {res['version']} of '{res['name']}'")
+    print(f"emitted maestro.registry.updated for maestro.registry.{res['name']} (event {res['event_id']})")
     return 0
 
 
@@ -76,6 +81,35 @@ def _eval(args) -> int:
                    split=args.split, data=args.data, checkpoint=args.checkpoint, baselines=args.baselines,
                    config=build(EvalConfig, ev, source=cfg.source, section="eval"))
     print(f"wrote {args.out}/metrics.json, report.md, results.csv")
+    return 0
+
+
+def _policy_spec(text: str) -> dict:
+    """`fixed-route:EXPERT@@SKILL`, or a JSON object (see maestro_core.rollouts)."""
+    import json
+    if text.startswith("fixed-route:"):
+        return {"kind": "fixed-route", "pair": text.split(":", 1)[1]}
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"cannot read the policy spec {text!r}: {e}.", field="--policy",
+                          fix='write fixed-route:EXPERT@@SKILL or a JSON object like {"kind": "scripted", ...}.') from e
+    if not isinstance(spec, dict):
+        raise ConfigError("the policy spec must be a JSON object.", field="--policy", fix='e.g. {"kind": "fixed-route", "pair": "calc@@math"}.')
+    return spec
+
+
+def _collect(args) -> int:
+    from flows.pipeline import collect_and_store
+    res = collect_and_store(policy_spec=_policy_spec(args.policy), run_id=args.run_id, iteration=args.iteration,
+                            data=args.data, split=args.split, limit=args.limit, registry=args.registry,
+                            chunk_size=args.chunk_size, group_size=args.group_size, home=args.home,
+                            object_store=args.object_store, runner=args.runner, dask_address=args.dask_address,
+                            dask_workers=args.dask_workers)
+    print(f"run {res['run_id']} iteration {res['iteration']}: {res['episodes']} episodes in "
+          f"{len(res['shards'])} shards")
+    for uri in res["shards"]:
+        print(f"  {uri}")
     return 0
 
 
@@ -137,6 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(func=_eval)
+
+    c = sub.add_parser("collect", help="collect rollouts in chunks (one shard each) and load them into the store")
+    c.add_argument("--policy", required=True, help='fixed-route:EXPERT@@SKILL or a JSON policy spec')
+    c.add_argument("--data", default=None, help="a JSONL dataset file instead of the suite")
+    c.add_argument("--split", default="train", help="suite split when no --data (default train)")
+    c.add_argument("--limit", type=int, default=None, help="at most this many items")
+    c.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
+    c.add_argument("--run-id", default=None, help="run id (default collect-<time>); rerunning replaces its chunks")
+    c.add_argument("--iteration", type=int, default=0)
+    c.add_argument("--chunk-size", type=int, default=8, help="items per chunk (one task run, one shard)")
+    c.add_argument("--group-size", type=int, default=1, help="episodes per item")
+    c.add_argument("--object-store", default=None, help="shards location: a folder or s3://bucket/prefix")
+    c.add_argument("--runner", choices=["local", "dask"], default="local", help="task runner for the chunks")
+    c.add_argument("--dask-address", default=None, help="an existing Dask scheduler (default: a LocalCluster)")
+    c.add_argument("--dask-workers", type=int, default=2, help="LocalCluster worker processes")
+    c.set_defaults(func=_collect)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: suite, warm-up, baselines")
     d.add_argument("--out", default=None, help="output folder (default: HOME/reports/demo-<time>)")

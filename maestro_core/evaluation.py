@@ -99,8 +99,9 @@ async def pair_table(registry: Registry, experts: Mapping[str, ExpertBackend], i
             t0 = time.perf_counter()
             runner = EpisodeRunner(registry, experts, FixedRoutePolicy(lambda q, p=pair: p), cache=cache,
                                    config=config or EvalConfig().episode)
-            # chunk = the pair's index, so every pair's episodes have their own ids and shard
-            trajs = await runner.run(items, run_id=run_id, iteration=0, chunk=k)
+            # iteration = the pair's index: episode ids (run, iteration, item, sample) and shards
+            # are then distinct per pair
+            trajs = await runner.run(items, run_id=run_id, iteration=k, chunk=0)
         out[pair] = trajs
         done += 1
         if progress:
@@ -298,7 +299,7 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
         table, train_table = asyncio.run(tables())
         cache.flush()
         for k, pair in enumerate(table):
-            store.write_and_ingest(table[pair], run_id, 0, k)
+            store.write_and_ingest(table[pair], run_id, k, 0)
         systems = baseline_systems(registry, items, table, train_items=train, train_table=train_table,
                                    routers=config.routers, seed=config.seed)
         metrics = write_outputs(Path(out), systems=systems, items=items, split=split, registry=registry,

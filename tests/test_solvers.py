@@ -5,7 +5,6 @@ suite's own generators; the assertions are the accuracy each solver must reach (
 weak LMs, that the workflow runs end to end and prices its tokens)."""
 
 import asyncio
-from pathlib import Path
 
 import pytest
 

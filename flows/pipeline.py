@@ -1,0 +1,125 @@
+"""The pipeline's flows: they only compose tasks (tasks/ -> maestro_core).
+
+    evaluate_orchestrator(config_path=None, split="test", data=None, registry=None, out=None)
+    collect_and_store(run_id, policy_spec, data=None, split="train", ..., runner="local" | "dask")
+    retrain_on_registry_update(registry_path, version)     # started by `maestro.registry.updated`
+    publish_registry_flow(path)                             # `maestro registry publish FILE`
+
+Deployments: infra/prefect.yaml.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+from maestro_core.config import load_config
+from maestro_core.home import resolve_home
+from tasks import build_dataset, collect_rollouts, evaluate, load_shards, publish_registry, warm_up_experts
+from tasks.artifacts import publish_eval_artifacts
+from tasks.dataset import load_items
+from tasks.registry import registry_version
+from maestro_core.rollouts import chunk_specs
+
+Runner = Literal["local", "dask"]
+
+
+def _default_out(home: str | None, prefix: str) -> str:
+    return str(resolve_home(home) / "reports" / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def make_task_runner(runner: Runner = "local", *, max_workers: int | None = None, dask_address: str | None = None,
+                     dask_workers: int = 2):
+    """The task runner rollout chunks fan out on: a thread pool in this process ("local"), or
+    prefect-dask's DaskTaskRunner on an existing cluster (`dask_address`) or a LocalCluster of
+    `dask_workers` single-threaded worker processes."""
+    if runner == "local":
+        from prefect.task_runners import ThreadPoolTaskRunner
+        return ThreadPoolTaskRunner(max_workers=max_workers)
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": dask_workers, "processes": True,
+                                              "threads_per_worker": 1, "dashboard_address": None})
+    raise ValueError(f"runner must be 'local' or 'dask', got {runner!r}")
+
+
+@flow(name="evaluate-orchestrator", log_prints=True)
+def evaluate_orchestrator(config_path: str | None = None, split: str = "test", data: str | None = None,
+                          registry: str | None = None, out: str | None = None, home: str | None = None,
+                          checkpoint: str = "none") -> dict[str, Any]:
+    """Evaluate every baseline (and, later, a checkpoint) on the suite's split or a JSONL file;
+    writes metrics.json, report.md, results.csv into `out` and publishes Prefect artifacts."""
+    cfg = load_config(config_path)
+    home = home or cfg.home
+    out = out or _default_out(home, "eval")
+    metrics = evaluate(out, registry_path=registry or cfg.registry, home=home, split=split, data=data or None,
+                       checkpoint=checkpoint, baselines=True, config=cfg.section("eval"))
+    publish_eval_artifacts(metrics, out, home=home)
+    return {"out": out, "run_id": metrics.get("run_id"), "systems": {k: v["accuracy"] for k, v in metrics["systems"].items()}}
+
+
+@flow(name="collect-and-store", log_prints=True)
+def collect_and_store(policy_spec: dict[str, Any], run_id: str | None = None, iteration: int = 0,
+                      data: str | None = None, split: str = "train", limit: int | None = None,
+                      registry: str | None = None, chunk_size: int = 8, group_size: int = 1,
+                      episode: dict[str, Any] | None = None, home: str | None = None,
+                      object_store: str | None = None, runner: Runner = "local", dask_address: str | None = None,
+                      dask_workers: int = 2) -> dict[str, Any]:
+    """Fan rollout chunks out through the task runner (each writes one shard), then load the
+    shards into DuckDB in this process (the one writer)."""
+    run_id = run_id or f"collect-{time.strftime('%Y%m%d-%H%M%S')}"
+    objects = object_store or str(resolve_home(home) / "objects")
+    items = load_items(data, split=split, home=home, object_store=object_store, limit=limit)
+    specs = chunk_specs(items, run_id=run_id, iteration=iteration, chunk_size=chunk_size, policy_spec=policy_spec,
+                        object_store=objects, registry_path=registry, group_size=group_size, episode=episode)
+    with make_task_runner(runner, dask_address=dask_address, dask_workers=dask_workers) as task_runner:
+        futures = task_runner.map(collect_rollouts, {"spec": specs})
+        chunks = [f.result() for f in futures]
+    loaded = load_shards(run_id, iteration, home=home, object_store=object_store)
+    return {"run_id": run_id, "iteration": iteration, "chunks": chunks, "episodes": loaded["episodes"],
+            "shards": loaded["uris"]}
+
+
+def rl_training_hook(registry_path: str, home: str | None, baseline_metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """WHERE THE RL LOOP PLUGS IN (not wired yet): collect_and_store with the learned policy
+    spec {"kind": "learned", "checkpoint": ...} -> rl_update (maestro_core.grpo) -> checkpoint
+    k+1 -> evaluate, per iteration. Until then it trains nothing and says so."""
+    get_run_logger().warning("RL training is not wired into the pipeline yet: no policy was trained "
+                             "(baselines evaluated only).")
+    return None
+
+
+@flow(name="retrain-on-registry-update", log_prints=True)
+def retrain_on_registry_update(registry_path: str, version: str = "", data: str | None = None,
+                               config_path: str | None = None, home: str | None = None,
+                               out: str | None = None) -> dict[str, Any]:
+    """Started by `maestro.registry.updated` (and nightly): build the dataset, warm up the
+    registry's experts, evaluate the baselines, then the RL hook."""
+    logger = get_run_logger()
+    cfg = load_config(config_path)
+    home = home or cfg.home
+    current = registry_version(registry_path)
+    if version and version != current:
+        logger.warning(f"{registry_path} is now version {current}, not {version} (changed since the event); "
+                       f"using {current}")
+    dataset = None if data else build_dataset(cfg.section("suite") or None, home=home)
+    warm_up_experts(registry_path, home=home)
+    out = out or _default_out(home, f"retrain-{current}")
+    metrics = evaluate(out, registry_path=registry_path, home=home, split="test", data=data or None,
+                       checkpoint="none", baselines=True, config=cfg.section("eval"))
+    publish_eval_artifacts(metrics, out, home=home, key="maestro-retrain-eval")
+    training = rl_training_hook(registry_path, home, metrics)
+    return {"registry_version": current, "dataset": dataset, "out": out, "training": training}
+
+
+@flow(name="publish-registry")
+def publish_registry_flow(path: str, home: str | None = None) -> dict[str, Any]:
+    """Record a registry version and emit `maestro.registry.updated` (see tasks.registry)."""
+    return publish_registry(path, home=home)
+
+
