@@ -7,6 +7,8 @@
     maestro eval [--checkpoint none] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
     maestro collect --policy SPEC [--data FILE] [--runner local|dask] ...
                                        collect rollouts in chunks (one shard each), load them into the store
+    maestro train [--config C] [--iterations N] [--run-id R] [--out DIR]
+                                       GRPO training of the policy on the suite's train split
     maestro demo                       the main job: build the suite, warm up, evaluate baselines
 
 It lives on the top floor (flows/) because its commands start flows; the logic is in
@@ -125,6 +127,40 @@ def _progress(stage: str):
     return report
 
 
+def _train(args) -> int:
+    """Train the policy on the embedded default (the loop runs directly until the pipeline's
+    train_orchestrator flow wraps it; the command stays the same)."""
+    import time
+    from pathlib import Path
+
+    from maestro_core.config import build, load_config
+    from maestro_core.experts import build_experts
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.store import Store
+    from maestro_core.suite import ensure_suite
+    from maestro_core.training import TrainConfig, train_policy
+    cfg = load_config(args.config)
+    section = cfg.section("train")
+    if args.iterations is not None:
+        section["iterations"] = args.iterations
+    tcfg = build(TrainConfig, section, source=cfg.source, section="train")
+    registry = load_registry(cfg.registry or DEFAULT_REGISTRY)
+    run_id = args.run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    with Store(args.home or cfg.home) as store:
+        store.record_registry(registry)
+        suite = ensure_suite(store, log=print)
+        train = [it for it in suite if it.split == "train"]
+        val = [it for it in suite if it.split == "val"]
+        out = Path(args.out) if args.out else store.home / "runs" / run_id
+        print(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
+              f"{tcfg.grpo.num_generations} episodes; outputs in {out}")
+        res = train_policy(registry, train, val, store=store, experts=build_experts(registry), config=tcfg,
+                           out_dir=out, run_id=run_id)
+    print(f"done: checkpoints {res.checkpoints}; best {res.best_checkpoint} "
+          f"(val accuracy {res.best_val_accuracy}); curve {out / 'curve.json'}")
+    return 0
+
+
 def _demo(args) -> int:
     """The main job on the embedded default, until training lands: build the suite, warm up
     every expert, evaluate every baseline on the test split."""
@@ -187,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dask-address", default=None, help="an existing Dask scheduler (default: a LocalCluster)")
     c.add_argument("--dask-workers", type=int, default=2, help="LocalCluster worker processes")
     c.set_defaults(func=_collect)
+
+    t = sub.add_parser("train", help="GRPO training of the policy on the suite's train split")
+    t.add_argument("--config", default=None, help="YAML config (sections 'registry', 'home', 'train')")
+    t.add_argument("--iterations", type=int, default=None, help="override train.iterations")
+    t.add_argument("--run-id", default=None, help="run id (default: train-<time>)")
+    t.add_argument("--out", default=None, help="output folder (default: HOME/runs/RUN_ID)")
+    t.set_defaults(func=_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: suite, warm-up, baselines")
     d.add_argument("--out", default=None, help="output folder (default: HOME/reports/demo-<time>)")
