@@ -123,6 +123,7 @@ class ActionConstraint:
         self.text_tail["think"] = len(self.close["think"]) + self.min_action
         self.after_open["think"] = self.text_tail["think"]
         self.openers_think = TokenTrie([(self.open[k], k) for k in ("think", "call", "answer")], self.after_open)
+        self.openers_answer = TokenTrie([(self.open["answer"], "answer")], self.after_open)
         for trie in (self.openers, self.openers_think, self.targets):
             if any(trie.label[n] is not None and trie.children[n] for n in range(len(trie.children))):
                 raise ConfigError("a tag or target tokenises as a prefix of another.", fix="use a different tokenizer.")
@@ -131,8 +132,9 @@ class ActionConstraint:
                               f"{self.min_action} tokens.", field="max_turn_tokens", fix=f"set it >= {self.min_action}.")
         self._cache: dict = {}
 
-    def start(self, candidates: Sequence[str] | None = None) -> "TurnState":
-        """A fresh state for one turn; `candidates` restricts the answer text to those strings."""
+    def start(self, candidates: Sequence[str] | None = None, *, answer_only: bool = False) -> "TurnState":
+        """A fresh state for one turn; `candidates` restricts the answer text to those strings;
+        `answer_only` allows only `<answer>` (the episode's last turn: no call can be answered)."""
         cand = None
         if candidates:
             seqs = []
@@ -144,7 +146,7 @@ class ActionConstraint:
             trie = TokenTrie(seqs, {c: self.text_tail["answer"] for _, c in seqs})
             if not trie.empty and len(self.open["answer"]) + trie.need[0] <= self.max_tokens:
                 cand = trie
-        return TurnState(self, cand)
+        return TurnState(self, cand, answer_only=answer_only)
 
     # cached masks -------------------------------------------------------------------------
     def _mask_of(self, key, build) -> torch.Tensor:
@@ -169,10 +171,14 @@ class TurnState:
     __slots__ = ("g", "cand", "n", "phase", "node", "trie", "forced", "pos", "kind", "has_content", "n_text",
                  "think_done", "after_forced")
 
-    def __init__(self, g: ActionConstraint, cand: TokenTrie | None):
+    def __init__(self, g: ActionConstraint, cand: TokenTrie | None, *, answer_only: bool = False):
         self.g, self.cand, self.n = g, cand, 0
         self.think_done = not g.allow_think
-        self._enter_trie(g.openers if self.think_done else g.openers_think)
+        if answer_only:
+            self.think_done = True
+            self._enter_trie(g.openers_answer)
+        else:
+            self._enter_trie(g.openers if self.think_done else g.openers_think)
         self.kind = None
         self.has_content = False
         self.n_text = 0

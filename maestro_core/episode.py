@@ -132,7 +132,7 @@ class EpisodeRunner:
         spent_cost = 0.0
         n_invalid = 0
         for turn in range(cfg.max_turns):
-            pt = await self.policy.act(messages, EpisodeView(eid, sample_index, turn))
+            pt = await self.policy.act(messages, EpisodeView(eid, sample_index, turn, cfg.max_turns))
             rec = dict(turn=turn, text=pt.text, completion_ids=tuple(pt.token_ids), logprobs=tuple(pt.logprobs))
             messages.append({"role": "assistant", "content": pt.text})
             try:

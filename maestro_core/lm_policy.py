@@ -53,7 +53,7 @@ class PolicyStats:
 class LMPolicy:
     def __init__(self, model, tokenizer, registry: Registry, *, temperature: float = 1.0, max_turn_tokens: int = 24,
                  constrained: bool = True, allow_think: bool = False, answer_candidates: bool = False,
-                 forward_question: bool = False,
+                 forward_question: bool = False, answer_on_last_turn: bool = False,
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
                  seed: int = 0, threaded: bool = True, share_prefix: bool = True):
         if temperature < 0:
@@ -61,6 +61,7 @@ class LMPolicy:
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.temperature, self.max_turn_tokens = temperature, max_turn_tokens
         self.constrained, self.answer_candidates = constrained, answer_candidates
+        self.answer_on_last_turn = answer_on_last_turn
         self.checkpoint_id = checkpoint_id
         self.max_batch_size, self.batch_window_s, self.threaded = max_batch_size, batch_window_s, threaded
         self.share_prefix = share_prefix
@@ -151,7 +152,9 @@ class LMPolicy:
         ctx = self.context_ids(messages, view)
         state = None
         if self.constraint is not None:
-            state = self.constraint.start(self.candidates(messages) if self.answer_candidates else None)
+            last = view is not None and view.max_turns > 0 and view.turn >= view.max_turns - 1
+            state = self.constraint.start(self.candidates(messages) if self.answer_candidates else None,
+                                          answer_only=last and self.answer_on_last_turn)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append(_Request(ctx, state, fut))

@@ -39,6 +39,8 @@ class EpisodeView:
     episode_id: str
     sample_index: int
     turn: int
+    max_turns: int = 0
+    """The episode's turn limit (0: unknown). On the last turn only an answer can still score."""
 
 
 @runtime_checkable

@@ -79,7 +79,7 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed)
     policy = LMPolicy(model, tok, registry, temperature=config.temperature if temperature is None else temperature,
                       max_turn_tokens=config.max_turn_tokens, constrained=True, forward_question=True,
-                      answer_candidates=True, seed=config.seed, checkpoint_id="init")
+                      answer_candidates=True, answer_on_last_turn=True, seed=config.seed, checkpoint_id="init")
     return model, tok, policy
 
 
@@ -108,7 +108,8 @@ def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config
 
     model.eval()
     greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, max_turn_tokens=config.max_turn_tokens,
-                      constrained=True, forward_question=True, answer_candidates=True, checkpoint_id="validation")
+                      constrained=True, forward_question=True, answer_candidates=True, answer_on_last_turn=True,
+                      checkpoint_id="validation")
     runner = EpisodeRunner(registry, experts, greedy, cache=cache, config=episode_config(config))
     trajs = asyncio.run(runner.run(list(items), run_id="validation"))
     n = max(1, len(trajs))
