@@ -68,6 +68,23 @@ class TrainResult:
     best_val_accuracy: float | None
 
 
+def spread(items: Sequence[Item], n: int, *, seed: int = 0) -> list[Item]:
+    """Up to `n` items taken in turn from each benchmark (shuffled within each, seeded): the
+    suite is stored benchmark by benchmark, so its first n items would cover one or two."""
+    rng = random.Random(seed)
+    groups: dict[str, list[Item]] = {}
+    for it in items:
+        groups.setdefault(it.benchmark, []).append(it)
+    for g in groups.values():
+        rng.shuffle(g)
+    out: list[Item] = []
+    while len(out) < n and any(groups.values()):
+        for b in sorted(groups):
+            if groups[b] and len(out) < n:
+                out.append(groups[b].pop())
+    return out
+
+
 def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None):
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config."""
     from maestro_core.lm_policy import LMPolicy
@@ -137,7 +154,7 @@ def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Seq
     cache = ExpertCache(store)
     runner = EpisodeRunner(registry, experts, policy, cache=cache, config=episode_config(config))
     store.record_run(run_id, "train", {"config": asdict(config), "n_train": len(train_items)}, registry.version)
-    val = list(val_items)[: config.val_items]
+    val = spread(val_items, config.val_items, seed=config.seed)
     curve, checkpoints = [], []
     best: tuple[float, str] | None = None
     for it in range(config.iterations):

@@ -29,3 +29,11 @@ def test_two_iterations_store_update_and_checkpoint(registry_dict, tmp_path):
     assert [r["iteration"] for r in res.curve] == [0, 1] and "val_accuracy" in res.curve[1]
     assert res.checkpoints and (tmp_path / "run" / "ckpt-2" / "config.json").exists()
     assert json.loads((tmp_path / "run" / "curve.json").read_text())[0]["mean_reward"] == res.curve[0]["mean_reward"]
+
+
+def test_validation_items_spread_over_benchmarks():
+    from maestro_core.training import spread
+    items = [Item(f"{b}{i}", b, f"q {b} {i}", "1", "exact") for b in ("a", "b", "c") for i in range(10)]
+    picked = spread(items, 6, seed=1)
+    assert sorted(it.benchmark for it in picked) == ["a", "a", "b", "b", "c", "c"]
+    assert spread(items, 6, seed=1) == picked and len(spread(items, 99)) == 30
