@@ -345,3 +345,10 @@ def check_unique(items: Sequence[Item], benchmark: str) -> list[Item]:
                               fix="load each split from its own file; ids must be unique.")
         seen.add(item.id)
     return list(items)
+
+
+def hub_source(source: str | Path, *, benchmark: str, split: str, limit: int | None,
+               image_dir: Path) -> tuple[list, "ImageSink", str]:
+    """A hub dataset's rows, the image sink for them, and the 'where' label errors name."""
+    rows = load_hub_rows(str(source), benchmark=benchmark, split=split, limit=limit)
+    return rows, ImageSink(image_dir, benchmark, hub_repo=str(source)), f"{source}:{split}"

@@ -43,9 +43,8 @@ def load(source: str | Path, *, split: str | None = None, limit: int | None = No
     split = split or DEFAULT_SPLIT
     path = c.local_path(source, BENCHMARK, HUB_NAME)
     if path is None:
-        rows = c.load_hub_rows(str(source), benchmark=BENCHMARK, split=split, limit=limit)
-        sink = c.ImageSink(image_dir, BENCHMARK, hub_repo=str(source))
-        where = f"{source}:{split}"
+        rows, sink, where = c.hub_source(source, benchmark=BENCHMARK, split=split, limit=limit,
+                                             image_dir=image_dir)
     else:
         c.check_split(split, SPLITS, BENCHMARK)
         if path.is_file():

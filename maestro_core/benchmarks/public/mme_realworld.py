@@ -50,9 +50,8 @@ def load(source: str | Path, *, split: str | None = None, limit: int | None = No
     path = c.local_path(source, BENCHMARK, HUB_NAME)
     if path is None:
         split = split or "train"
-        rows = c.load_hub_rows(str(source), benchmark=BENCHMARK, split=split, limit=limit)
-        sink = c.ImageSink(image_dir, BENCHMARK, hub_repo=str(source))
-        where = f"{source}:{split}"
+        rows, sink, where = c.hub_source(source, benchmark=BENCHMARK, split=split, limit=limit,
+                                             image_dir=image_dir)
     else:
         split = c.check_split(split or DEFAULT_SPLIT, SPLITS, BENCHMARK)
         files = [path] if path.is_file() else c.find_files(path, _FILES[split], benchmark=BENCHMARK, split=split)
