@@ -9,7 +9,8 @@ A turn is `<call>` + one valid target + (`</call>` + EOS when `forward_question`
 expert gets the task's question) or `:` + text (first token starts with a space; no '<'
 anywhere; at least one non-space character) + `</call>` + EOS, or `<answer>` + text (no '<',
 non-empty) + `</answer>` + EOS, optionally preceded by `<think>` + text + `</think>`
-(`allow_think`). The text is bounded: the state machine counts the tokens left and forces
+(`allow_think`). `free_input=False` (with `forward_question`) leaves only the forwarding form:
+the policy routes, the experts read the task's question. The text is bounded: the state machine counts the tokens left and forces
 the closing tag and EOS in time, so a turn never exceeds `max_tokens` tokens.
 
 It works on the token level for any tokenizer: tags, targets (`calc@@math:`) and answer
@@ -98,7 +99,7 @@ class ActionConstraint:
     """The grammar of one policy turn over a tokenizer's vocabulary (build once, share)."""
 
     def __init__(self, tokenizer, actions: Iterable[str], *, max_tokens: int = 24, allow_think: bool = False,
-                 forward_question: bool = False, vocab_size: int | None = None):
+                 forward_question: bool = False, free_input: bool = True, vocab_size: int | None = None):
         actions = tuple(actions)
         if not actions:
             raise ConfigError("the registry grammar has no actions.", fix="check the registry's experts and skills.")
@@ -110,8 +111,11 @@ class ActionConstraint:
         self.close = {k: enc(f"</{k}>") for k in ("think", "call", "answer")}
         # after the text: the close tag, then EOS (call/answer) or the action (think)
         self.text_tail = {"call": len(self.close["call"]) + 1, "answer": len(self.close["answer"]) + 1}
-        seqs = [(enc(f"{a}:"), a) for a in actions]
-        tails = {a: 1 + self.text_tail["call"] for a in actions}
+        if not (free_input or forward_question):
+            raise ConfigError("free_input=False needs forward_question=True (otherwise no call can be written).",
+                              fix="set forward_question=True, or keep free_input=True.")
+        seqs = [(enc(f"{a}:"), a) for a in actions] if free_input else []
+        tails = {a: 1 + self.text_tail["call"] for a in actions} if free_input else {}
         if forward_question:
             # `<call>TARGET</call>`: forward the task's question (then only EOS follows)
             seqs += [(enc(a) + self.close["call"], ("forward", a)) for a in actions]
@@ -124,6 +128,7 @@ class ActionConstraint:
         self.after_open["think"] = self.text_tail["think"]
         self.openers_think = TokenTrie([(self.open[k], k) for k in ("think", "call", "answer")], self.after_open)
         self.openers_answer = TokenTrie([(self.open["answer"], "answer")], self.after_open)
+        self.openers_call = TokenTrie([(self.open["call"], "call")], self.after_open)
         for trie in (self.openers, self.openers_think, self.targets):
             if any(trie.label[n] is not None and trie.children[n] for n in range(len(trie.children))):
                 raise ConfigError("a tag or target tokenises as a prefix of another.", fix="use a different tokenizer.")
@@ -132,9 +137,12 @@ class ActionConstraint:
                               f"{self.min_action} tokens.", field="max_turn_tokens", fix=f"set it >= {self.min_action}.")
         self._cache: dict = {}
 
-    def start(self, candidates: Sequence[str] | None = None, *, answer_only: bool = False) -> "TurnState":
+    def start(self, candidates: Sequence[str] | None = None, *, answer_only: bool = False,
+              call_until_candidates: bool = False) -> "TurnState":
         """A fresh state for one turn; `candidates` restricts the answer text to those strings;
-        `answer_only` allows only `<answer>` (the episode's last turn: no call can be answered)."""
+        `answer_only` allows only `<answer>` (the episode's last turn: no call can be answered);
+        `call_until_candidates` allows only `<call>` while no candidate is usable (answers are
+        restricted to what observations returned, and none has returned anything yet)."""
         cand = None
         if candidates:
             seqs = []
@@ -146,7 +154,8 @@ class ActionConstraint:
             trie = TokenTrie(seqs, {c: self.text_tail["answer"] for _, c in seqs})
             if not trie.empty and len(self.open["answer"]) + trie.need[0] <= self.max_tokens:
                 cand = trie
-        return TurnState(self, cand, answer_only=answer_only)
+        return TurnState(self, cand, answer_only=answer_only,
+                         call_only=call_until_candidates and cand is None and not answer_only)
 
     # cached masks -------------------------------------------------------------------------
     def _mask_of(self, key, build) -> torch.Tensor:
@@ -171,12 +180,16 @@ class TurnState:
     __slots__ = ("g", "cand", "n", "phase", "node", "trie", "forced", "pos", "kind", "has_content", "n_text",
                  "think_done", "after_forced")
 
-    def __init__(self, g: ActionConstraint, cand: TokenTrie | None, *, answer_only: bool = False):
+    def __init__(self, g: ActionConstraint, cand: TokenTrie | None, *, answer_only: bool = False,
+                 call_only: bool = False):
         self.g, self.cand, self.n = g, cand, 0
         self.think_done = not g.allow_think
         if answer_only:
             self.think_done = True
             self._enter_trie(g.openers_answer)
+        elif call_only:
+            self.think_done = True
+            self._enter_trie(g.openers_call)
         else:
             self._enter_trie(g.openers if self.think_done else g.openers_think)
         self.kind = None

@@ -53,7 +53,7 @@ class PolicyStats:
 class LMPolicy:
     def __init__(self, model, tokenizer, registry: Registry, *, temperature: float = 1.0, max_turn_tokens: int = 24,
                  constrained: bool = True, allow_think: bool = False, answer_candidates: bool = False,
-                 forward_question: bool = False, answer_on_last_turn: bool = False,
+                 forward_question: bool = False, free_input: bool = True, answer_on_last_turn: bool = False,
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
                  seed: int = 0, threaded: bool = True, share_prefix: bool = True):
         if temperature < 0:
@@ -69,7 +69,8 @@ class LMPolicy:
         if self.pad_id is None:
             self.pad_id = self.eos_id
         self.constraint = (ActionConstraint(tokenizer, registry.grammar().actions, max_tokens=max_turn_tokens,
-                                            allow_think=allow_think, forward_question=forward_question)
+                                            allow_think=allow_think, forward_question=forward_question,
+                                            free_input=free_input)
                            if constrained else None)
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = PolicyStats()
@@ -154,7 +155,8 @@ class LMPolicy:
         if self.constraint is not None:
             last = view is not None and view.max_turns > 0 and view.turn >= view.max_turns - 1
             state = self.constraint.start(self.candidates(messages) if self.answer_candidates else None,
-                                          answer_only=last and self.answer_on_last_turn)
+                                          answer_only=last and self.answer_on_last_turn,
+                                          call_until_candidates=self.answer_candidates)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append(_Request(ctx, state, fut))

@@ -42,6 +42,9 @@ class TrainConfig:
     layers: int = field(default=4, metadata={"help": "Policy model layers."})
     heads: int = field(default=4, metadata={"help": "Attention heads."})
     vocab_size: int = field(default=2048, metadata={"help": "Policy tokenizer size (trained on the suite)."})
+    call_input: str = field(default="question", metadata={
+        "help": "'question': a call forwards the task's question (the policy routes; the CPU default, whose "
+                "~5M-parameter policy cannot write useful inputs); 'free': it may also write the input."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=50, metadata={"help": "Validation items scored at each evaluation."})
@@ -55,6 +58,9 @@ class TrainConfig:
         for name in ("iterations", "prompts_per_iteration", "max_turns", "eval_every", "val_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1.", field=name, fix=f"set {name} to a positive integer.")
+        if self.call_input not in ("question", "free"):
+            raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
+                              fix="use 'question' or 'free'.")
         if self.cost_lambda_max < 0:
             raise ConfigError("cost_lambda_max must be >= 0.", field="cost_lambda_max", fix="use 0 to switch it off.")
 
@@ -85,6 +91,13 @@ def spread(items: Sequence[Item], n: int, *, seed: int = 0) -> list[Item]:
     return out
 
 
+def policy_kwargs(config: TrainConfig | dict) -> dict:
+    """LMPolicy decoding settings of a training config (a TrainConfig or its stored dict)."""
+    cfg = asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    return dict(max_turn_tokens=int(cfg.get("max_turn_tokens", 24)), constrained=True, forward_question=True,
+                free_input=cfg.get("call_input", "free") == "free", answer_candidates=True, answer_on_last_turn=True)
+
+
 def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None):
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config."""
     from maestro_core.lm_policy import LMPolicy
@@ -95,8 +108,7 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
                                  extra_tokens=policy_extra_tokens(registry))
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed)
     policy = LMPolicy(model, tok, registry, temperature=config.temperature if temperature is None else temperature,
-                      max_turn_tokens=config.max_turn_tokens, constrained=True, forward_question=True,
-                      answer_candidates=True, answer_on_last_turn=True, seed=config.seed, checkpoint_id="init")
+                      seed=config.seed, checkpoint_id="init", **policy_kwargs(config))
     return model, tok, policy
 
 
@@ -124,9 +136,8 @@ def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config
     from maestro_core.lm_policy import LMPolicy
 
     model.eval()
-    greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, max_turn_tokens=config.max_turn_tokens,
-                      constrained=True, forward_question=True, answer_candidates=True, answer_on_last_turn=True,
-                      checkpoint_id="validation")
+    greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, checkpoint_id="validation",
+                      **policy_kwargs(config))
     runner = EpisodeRunner(registry, experts, greedy, cache=cache, config=episode_config(config))
     trajs = asyncio.run(runner.run(list(items), run_id="validation"))
     n = max(1, len(trajs))
@@ -134,32 +145,57 @@ def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config
             "val_cost_per_task": sum(t.total_cost for t in trajs) / n}
 
 
-def save_checkpoint(model, tokenizer, path: Path, meta: dict) -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "maestro.json").write_text(json.dumps(meta, indent=2, default=str))
-    return str(path)
+def _row_text(row: dict) -> str:
+    return " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
 def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store, experts,
-                 config: TrainConfig, out_dir: Path, run_id: str | None = None,
-                 log: Callable[[str], None] = print) -> TrainResult:
+                 config: TrainConfig, out_dir: Path, run_id: str | None = None, data_version: str | None = None,
+                 resume: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Train from scratch, or resume the run from its latest checkpoint (local folder or object
+    store) when `resume` and one exists: the weights, tokenizer and curve come back, and the
+    iterations after it are collected again (each chunk replaces its earlier copy, so nothing
+    is stored twice). The optimizer's moments restart at a resume."""
+    from maestro_core.checkpoints import load_checkpoint_policy, local_copy, run_checkpoints, save_checkpoint
+
     if not train_items:
         raise ConfigError("no train items.", fix="build the suite (maestro build-dataset) or pass a train split.")
     run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(out_dir)
-    rng = random.Random(config.seed)
-    model, tok, policy = build_policy(registry, [it.question for it in train_items], config)
+    objects = getattr(store, "objects", None)
+    meta_base = {"run_id": run_id, "registry_version": registry.version, "data_version": data_version,
+                 "config": asdict(config)}
+    done = run_checkpoints(out_dir, run_id, objects) if resume else []
+    curve: list[dict] = []
+    checkpoints: list[str] = []
+    if done:
+        last = done[-1]
+        path = local_copy(last, out_dir / last.name, objects)
+        policy = load_checkpoint_policy(path, registry, temperature=config.temperature,
+                                        checkpoint_id=f"{run_id}/{last.name}")
+        model, tok = policy.model, policy.tokenizer
+        policy.generator.manual_seed(config.seed + last.iteration)
+        curve = list(last.meta.get("curve", []))[:last.iteration]
+        checkpoints = [str(c.path or c.name) for c in sorted(done, key=lambda c: c.iteration) if c.iteration > 0]
+        start = last.iteration
+        log(f"resuming run {run_id} from {last.name} (iteration {start} of {config.iterations})")
+    else:
+        model, tok, policy = build_policy(registry, [it.question for it in train_items], config)
+        start = 0
+        store.record_run(run_id, "train", {"config": asdict(config), "n_train": len(train_items)}, registry.version)
+        save_checkpoint(model, tok, out_dir / "ckpt-0", {**meta_base, "iteration": 0, "metrics": {}, "curve": []},
+                        objects=objects)
     cache = ExpertCache(store)
     runner = EpisodeRunner(registry, experts, policy, cache=cache, config=episode_config(config))
-    store.record_run(run_id, "train", {"config": asdict(config), "n_train": len(train_items)}, registry.version)
     val = spread(val_items, config.val_items, seed=config.seed)
-    curve, checkpoints = [], []
     best: tuple[float, str] | None = None
-    for it in range(config.iterations):
+    for c in done:
+        if c.val_accuracy is not None and c.iteration <= start and (best is None or c.val_accuracy > best[0]):
+            best = (c.val_accuracy, str(c.path or c.name))
+    for it in range(start, config.iterations):
         t0 = time.perf_counter()
         policy.checkpoint_id = f"{run_id}/ckpt-{it}"
+        rng = random.Random(f"{config.seed}-{it}")  # per iteration: a resumed run samples the same items
         batch = rng.sample(list(train_items), min(config.prompts_per_iteration, len(train_items)))
         trajs = collect(runner, batch, config, run_id=run_id, iteration=it, rng=rng)
         store.write_and_ingest(trajs, run_id, it, 0)
@@ -172,13 +208,15 @@ def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Seq
                "collect_s": t1 - t0, "update_s": time.perf_counter() - t1}
         if (it + 1) % config.eval_every == 0 or it == config.iterations - 1:
             row.update(validate(registry, model, tok, val, config, experts, cache))
+        curve.append(row)
+        if "val_accuracy" in row:
             ck = save_checkpoint(model, tok, out_dir / f"ckpt-{it + 1}", {
-                "run_id": run_id, "iteration": it + 1, "registry_version": registry.version, **row})
+                **meta_base, "iteration": it + 1, "metrics": row, "curve": curve}, objects=objects)
             checkpoints.append(ck)
             if best is None or row["val_accuracy"] > best[0]:
                 best = (row["val_accuracy"], ck)
-        curve.append(row)
-        log(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
+        log(_row_text(row))
     cache.flush()
     (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
     store.set_run_status(run_id, "completed")
