@@ -202,3 +202,40 @@ def test_answer_only_on_the_last_turn(reg, tok):
             st.advance(t)
             ids.append(t)
         assert isinstance(parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg), Answer)
+
+
+def _run(st, gen):
+    ids = []
+    while not st.done:
+        m = st.mask()
+        logits = torch.randn(m.shape[0], generator=gen)
+        logits[~m] = float("-inf")
+        t = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+        st.advance(t)
+        ids.append(t)
+    return ids
+
+
+def test_calls_only_until_a_candidate_exists_and_forwarding_only(reg, tok):
+    """Answers restricted to observation payloads: with none yet, the turn must be a call.
+    free_input=False: every call forwards the task's question (the policy only routes)."""
+    g = ActionConstraint(tok, reg.grammar().actions, max_tokens=12, forward_question=True, free_input=False)
+    gen = torch.Generator().manual_seed(5)
+    answers = 0
+    for i in range(200):
+        cands = ["42"] if i % 2 else []
+        ids = _run(g.start(cands, call_until_candidates=True), gen)
+        action = parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg)
+        if not cands:
+            assert isinstance(action, Call) and action.input == ""
+        elif isinstance(action, Answer):
+            answers += 1
+            assert action.text == "42"
+        else:
+            assert action.input == ""
+    assert answers > 0
+    # the last turn still answers, candidates or not
+    ids = _run(g.start([], answer_only=True, call_until_candidates=True), gen)
+    assert isinstance(parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg), Answer)
+    with pytest.raises(ConfigError, match="forward_question"):
+        ActionConstraint(tok, reg.grammar().actions, free_input=False)
