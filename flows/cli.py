@@ -4,12 +4,14 @@
     maestro registry publish FILE      record a new registry version; emit maestro.registry.updated
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
-    maestro eval [--checkpoint none] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
+    maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
     maestro collect --policy SPEC [--data FILE] [--runner local|dask] ...
                                        collect rollouts in chunks (one shard each), load them into the store
     maestro train [--config C] [--iterations N] [--run-id R] [--out DIR]
                                        GRPO training of the policy on the suite's train split
     maestro demo                       the main job: build the suite, warm up, evaluate baselines
+    maestro trace EPISODE_ID [--home DIR] [--full]
+                                       one stored episode turn by turn: calls, observations, costs, reward
 
 It lives on the top floor (flows/) because its commands start flows; the logic is in
 maestro_core.
@@ -81,7 +83,8 @@ def _eval(args) -> int:
     ev.setdefault("split", args.split)
     run_evaluation(out=args.out, registry_path=args.registry or cfg.registry, home=args.home or cfg.home,
                    split=args.split, data=args.data, checkpoint=args.checkpoint, baselines=args.baselines,
-                   config=build(EvalConfig, ev, source=cfg.source, section="eval"))
+                   config=build(EvalConfig, ev, source=cfg.source, section="eval"),
+                   cost_lambda=getattr(args, "cost_lambda", None))
     print(f"wrote {args.out}/metrics.json, report.md, results.csv")
     return 0
 
@@ -129,10 +132,16 @@ def _progress(stage: str):
 
 def _train(args) -> int:
     """Train the policy on the embedded default (the loop runs directly until the pipeline's
-    train_orchestrator flow wraps it; the command stays the same)."""
+    train_orchestrator flow wraps it; the command stays the same). Resumes by default: without
+    --run-id, the newest unfinished training run with the same config goes on."""
+    import hashlib
+    import json
+    import shutil
     import time
+    from dataclasses import asdict
     from pathlib import Path
 
+    from maestro_core.checkpoints import PREFIX
     from maestro_core.config import build, load_config
     from maestro_core.experts import build_experts
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
@@ -145,17 +154,28 @@ def _train(args) -> int:
         section["iterations"] = args.iterations
     tcfg = build(TrainConfig, section, source=cfg.source, section="train")
     registry = load_registry(cfg.registry or DEFAULT_REGISTRY)
-    run_id = args.run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     with Store(args.home or cfg.home) as store:
+        run_id = args.run_id
+        if run_id is None and not args.fresh:
+            same = json.loads(json.dumps(asdict(tcfg), default=str))
+            open_runs = [r for r in store.runs("train") if r["status"] != "completed"
+                         and (r.get("config") or {}).get("config") == same]
+            run_id = open_runs[-1]["run_id"] if open_runs else None
+        run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(args.out) if args.out else store.home / "runs" / run_id
+        if args.fresh:
+            shutil.rmtree(out, ignore_errors=True)
+            for key in store.objects.list(f"{PREFIX}/{run_id}/"):
+                store.objects.delete(key)
         store.record_registry(registry)
         suite = ensure_suite(store, log=print)
         train = [it for it in suite if it.split == "train"]
         val = [it for it in suite if it.split == "val"]
-        out = Path(args.out) if args.out else store.home / "runs" / run_id
+        data_version = hashlib.sha256("\n".join(sorted(it.id for it in suite)).encode()).hexdigest()[:16]
         print(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
               f"{tcfg.grpo.num_generations} episodes; outputs in {out}")
         res = train_policy(registry, train, val, store=store, experts=build_experts(registry), config=tcfg,
-                           out_dir=out, run_id=run_id)
+                           out_dir=out, run_id=run_id, data_version=data_version)
     print(f"done: checkpoints {res.checkpoints}; best {res.best_checkpoint} "
           f"(val accuracy {res.best_val_accuracy}); curve {out / 'curve.json'}")
     return 0
@@ -174,6 +194,12 @@ def _demo(args) -> int:
     out = args.out or str(home / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     args.config, args.checkpoint, args.baselines, args.split, args.data, args.out = None, "none", True, "test", None, out
     return _eval(args)
+
+
+def _trace(args) -> int:
+    from maestro_core.trace import trace_from_home
+    print(trace_from_home(args.episode_id, args.home, max_chars=None if args.full else 800), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,9 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
     w.set_defaults(func=_warm_up)
 
-    e = sub.add_parser("eval", help="evaluate baselines (and later the policy)")
+    e = sub.add_parser("eval", help="evaluate a policy checkpoint and/or every baseline")
     e.add_argument("--config", default=None, help="YAML config (sections 'registry', 'suite', 'eval')")
-    e.add_argument("--checkpoint", default="none", help="none (baselines only) | latest | best | PATH")
+    e.add_argument("--checkpoint", default="none",
+                   help="none (baselines only) | latest | best (of the newest training run) | RUN_ID/ckpt-N | DIR; "
+                        "adds the systems policy and policy_untrained")
+    e.add_argument("--cost-lambda", type=float, default=None,
+                   help="cost weight shown to the policy at request time (higher: cheaper routes)")
     e.add_argument("--baselines", action="store_true", help="evaluate every baseline")
     e.add_argument("--split", default="test", help="train | val | test (default test)")
     e.add_argument("--data", default=None, help="a JSONL dataset file instead of the suite")
@@ -227,13 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="GRPO training of the policy on the suite's train split")
     t.add_argument("--config", default=None, help="YAML config (sections 'registry', 'home', 'train')")
     t.add_argument("--iterations", type=int, default=None, help="override train.iterations")
-    t.add_argument("--run-id", default=None, help="run id (default: train-<time>)")
+    t.add_argument("--run-id", default=None,
+                   help="run id; an existing run resumes from its latest checkpoint (default: the newest "
+                        "unfinished run with the same config, else train-<time>)")
+    t.add_argument("--fresh", action="store_true", help="start over: a new run, or --run-id's checkpoints deleted")
     t.add_argument("--out", default=None, help="output folder (default: HOME/runs/RUN_ID)")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: suite, warm-up, baselines")
     d.add_argument("--out", default=None, help="output folder (default: HOME/reports/demo-<time>)")
     d.set_defaults(func=_demo)
+
+    tr = sub.add_parser("trace", help="show one stored episode: turns, calls, observations, costs, reward")
+    tr.add_argument("episode_id", metavar="EPISODE_ID", help="the episode id (episode_id column of results.csv)")
+    # SUPPRESS: `maestro --home DIR trace ID` keeps the top-level --home
+    tr.add_argument("--home", default=argparse.SUPPRESS, help="store folder (default: $MAESTRO_HOME or ./.maestro)")
+    tr.add_argument("--full", action="store_true", help="do not cut long texts (observations, inputs)")
+    tr.set_defaults(func=_trace)
     return p
 
 

@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -162,7 +162,32 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=float), q)) if xs else 0.0
 
 
-def system_metrics(trajs: Sequence[Trajectory], routes: Sequence[str] | None = None) -> dict:
+REFERENCE_CALL_TOKENS = (1000, 1000)
+"""(input, output) tokens of the reference call that puts token prices and per-call prices on one
+scale when ranking experts by price (`expensive_experts`)."""
+
+
+def expensive_experts(registry: Registry) -> frozenset[str]:
+    """The registry's most expensive expert(s): the highest price of one reference call
+    (REFERENCE_CALL_TOKENS; per-call price plus token prices). Ties all count; empty when every
+    expert is free."""
+    prices = {name: e.price.cost(*REFERENCE_CALL_TOKENS) for name, e in registry.experts.items()}
+    top = max(prices.values(), default=0.0)
+    return frozenset(n for n, p in prices.items() if p == top) if top > 0 else frozenset()
+
+
+def call_pairs(t: Trajectory) -> list[str]:
+    """The expert@@skill of every call the trajectory made (no solver), in order."""
+    return [f"{s.expert}@@{s.skill}" for s in t.steps if s.action == "call" and s.expert and s.skill]
+
+
+def system_metrics(trajs: Sequence[Trajectory], routes: Sequence[str] | None = None, *,
+                   expensive: Collection[str] | None = None) -> dict:
+    """One system's metrics. `routes` (one per trajectory) adds `routes` and `routes_per_benchmark`
+    (benchmark -> expert@@skill -> calls: every call of a multi-call episode counts, an episode
+    without a recorded call counts its route); `expensive` (the registry's most expensive
+    experts, `expensive_experts`) adds `expensive_share`, the share of the expert calls that
+    went to them."""
     n = max(1, len(trajs))
     per_bench: dict[str, list[float]] = {}
     for t in trajs:
@@ -181,27 +206,46 @@ def system_metrics(trajs: Sequence[Trajectory], routes: Sequence[str] | None = N
         "per_benchmark": {b: sum(v) / len(v) for b, v in sorted(per_bench.items())},
         "n_items": len(trajs),
     }
+    if expensive is not None:
+        experts = [s.expert for s in calls if s.expert]
+        m["expensive_share"] = sum(1 for e in experts if e in expensive) / len(experts) if experts else 0.0
     if routes is not None:
         counts: dict[str, int] = {}
         for r in routes:
             counts[r] = counts.get(r, 0) + 1
         m["routes"] = dict(sorted(counts.items()))
+        per_b: dict[str, dict[str, int]] = {}
+        for t, r in zip(trajs, routes):
+            row = per_b.setdefault(t.benchmark, {})
+            for pair in call_pairs(t) or [r or "(no call)"]:
+                row[pair] = row.get(pair, 0) + 1
+        m["routes_per_benchmark"] = {b: dict(sorted(c.items())) for b, c in sorted(per_b.items())}
     return m
 
 
 def write_outputs(out: Path, *, systems: Mapping[str, tuple[list[Trajectory], list[str]]], items: Sequence[Item],
                   split: str, registry: Registry, checkpoint: str, extra: Mapping | None = None) -> dict:
-    """Write metrics.json, results.csv and report.md into `out`; return the metrics."""
+    """Write metrics.json, results.csv, report.md and the three plots (pareto.png,
+    benchmark_accuracy.png, routing_heatmap.png) into `out`; return the metrics."""
+    from maestro_core.plots import write_plots
+
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"split": split, "n_items": len(items), "registry_version": registry.version,
                "checkpoint": checkpoint, "systems": {}, **(extra or {})}
+    expensive = expensive_experts(registry)
+    metrics["expensive_experts"] = sorted(expensive)
     for name, (trajs, routes) in systems.items():
-        metrics["systems"][name] = system_metrics(trajs, routes)
+        metrics["systems"][name] = system_metrics(trajs, routes, expensive=expensive)
     singles = {k: v["accuracy"] for k, v in metrics["systems"].items() if k.startswith("expert:")}
     if singles and "oracle" in metrics["systems"]:
         best = max(singles, key=singles.get)
         metrics["best_single"] = {"system": best, "accuracy": singles[best]}
         metrics["oracle_gap"] = metrics["systems"]["oracle"]["accuracy"] - singles[best]
+        if metrics["oracle_gap"] > 0:
+            # 0 = the best single pair, 1 = the oracle (the ceiling of per-query routing)
+            metrics["normalised_gain"] = {k: (v["accuracy"] - singles[best]) / metrics["oracle_gap"]
+                                          for k, v in metrics["systems"].items()}
+    metrics["plots"] = write_plots(metrics, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -219,27 +263,82 @@ def write_outputs(out: Path, *, systems: Mapping[str, tuple[list[Trajectory], li
 
 def format_report(metrics: Mapping) -> str:
     benches = sorted({b for s in metrics["systems"].values() for b in s["per_benchmark"]})
+    gains = metrics.get("normalised_gain", {})
+
+    def opt(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     lines = [f"# Evaluation: split {metrics['split']}, {metrics['n_items']} items",
              f"registry {metrics['registry_version']}, checkpoint {metrics['checkpoint']}", "",
-             "| system | accuracy | cost/task $ | calls/task | latency p50 s | p95 s | errors | "
-             + " | ".join(benches) + " |",
-             "|---" * (6 + len(benches)) + "|"]
+             "| system | accuracy | norm. gain | cost/task $ | calls/task | expensive share | latency p50 s | p95 s "
+             "| errors | " + " | ".join(benches) + " |",
+             "|---" * (9 + len(benches)) + "|"]
     order = sorted(metrics["systems"].items(), key=lambda kv: -kv[1]["accuracy"])
     for name, m in order:
-        lines.append(f"| {name} | {m['accuracy']:.3f} | {m['cost_per_task']:.6f} | {m['calls_per_task']:.2f} | "
+        lines.append(f"| {name} | {m['accuracy']:.3f} | {opt(gains.get(name), '.3f')} | {m['cost_per_task']:.6f} | "
+                     f"{m['calls_per_task']:.2f} | {opt(m.get('expensive_share'), '.3f')} | "
                      f"{m['latency_p50_s']:.3f} | {m['latency_p95_s']:.3f} | {m['error_rate']:.3f} | "
                      + " | ".join(f"{m['per_benchmark'].get(b, float('nan')):.2f}" for b in benches) + " |")
+    notes = []
     if "best_single" in metrics:
-        lines += ["", f"Best single pair: {metrics['best_single']['system']} "
-                      f"({metrics['best_single']['accuracy']:.3f}); oracle - best single = {metrics['oracle_gap']:.3f}"]
+        notes.append(f"Best single pair: {metrics['best_single']['system']} "
+                     f"({metrics['best_single']['accuracy']:.3f}); oracle - best single = {metrics['oracle_gap']:.3f}")
+    if gains:
+        notes.append("norm. gain: (accuracy - best single) / (oracle - best single): 0 = the best single pair, "
+                     "1 = the oracle.")
+    if metrics.get("expensive_experts"):
+        notes.append(f"expensive share: share of the expert calls that went to the registry's most expensive "
+                     f"expert ({', '.join(metrics['expensive_experts'])}).")
+    if metrics.get("plots"):
+        notes.append("Plots: " + ", ".join(f"[{p}]({p})" for p in metrics["plots"]))
+    if notes:
+        lines += [""] + [x for note in notes for x in (note, "")][:-1]
     return "\n".join(lines) + "\n"
+
+
+def policy_route(t: Trajectory) -> str:
+    """A multi-step route as one label: the calls' expert@@skill joined by ' > ', or 'answer'."""
+    calls = [f"{s.expert}@@{s.skill}" for s in t.steps if s.action == "call" and s.expert]
+    return " > ".join(calls) if calls else "answer"
+
+
+def checkpoint_episode_config(meta: Mapping) -> EpisodeConfig:
+    """The episode settings a checkpoint was trained with (turn limit, compact prompt, cost scale)."""
+    from maestro_core.rewards import RewardConfig
+
+    cfg = meta.get("config", {})
+    return EpisodeConfig(max_turns=int(cfg.get("max_turns", 4)), call_timeout_s=1800,
+                         compact_prompt=bool(cfg.get("compact_prompt", True)),
+                         reward=RewardConfig(cost_scale=float(cfg.get("cost_scale", 0.05))))
+
+
+async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], path, *,
+                      cache: ExpertCache, run_id: str, iteration: int, cost_lambda: float | None = None,
+                      progress: Callable[[str], None] | None = None) -> tuple[list[Trajectory], list[str]]:
+    """The greedy policy of the checkpoint at `path` on every item (one episode each), with the
+    cost weight `cost_lambda` shown in its prompt when given (the request-time budget knob)."""
+    from maestro_core.checkpoints import load_checkpoint_policy, read_meta
+
+    t0 = time.perf_counter()
+    policy = load_checkpoint_policy(path, registry, temperature=0.0)
+    runner = EpisodeRunner(registry, experts, policy, cache=cache, config=checkpoint_episode_config(read_meta(path)))
+    trajs = await runner.run(list(items), run_id=run_id, iteration=iteration, cost_lambda=cost_lambda)
+    if progress:
+        acc = sum(t.outcome for t in trajs) / max(1, len(trajs))
+        progress(f"policy {policy.checkpoint_id}: accuracy {acc:.3f} on {len(trajs)} items "
+                 f"({time.perf_counter() - t0:.1f} s)")
+    return trajs, [policy_route(t) for t in trajs]
 
 
 def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, home: str | Path | None = None,
                    split: str = "test", data: str | Path | None = None, checkpoint: str = "none",
-                   baselines: bool = True, config: EvalConfig | None = None,
-                   log: Callable[[str], None] = print) -> dict:
-    """`maestro eval`: evaluate on the suite's split (built when missing) or a JSONL file."""
+                   baselines: bool = True, config: EvalConfig | None = None, cost_lambda: float | None = None,
+                   untrained: bool = True, log: Callable[[str], None] = print) -> dict:
+    """`maestro eval`: evaluate on the suite's split (built when missing) or a JSONL file.
+
+    `checkpoint` (none, latest, best, RUN/ckpt-N or a folder) adds the system `policy` (greedy)
+    and, when the run's initial weights exist, `policy_untrained`; `cost_lambda` is shown to
+    the policy in its prompt (steering it toward cheaper routes at request time)."""
 
     from maestro_core.dataset import load_jsonl
     from maestro_core.errors import ConfigError
@@ -248,16 +347,19 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
     from maestro_core.store import Store
     from maestro_core.suite import ensure_suite
 
+    from maestro_core.checkpoints import resolve_checkpoint, untrained_of
+
     config = config or EvalConfig(split=split)
-    if checkpoint not in ("none",):
-        raise ConfigError(f"checkpoint '{checkpoint}' cannot be evaluated yet: no trained policy exists in "
-                          "this version.", field="--checkpoint", fix="use --checkpoint none (baselines only).")
-    if not baselines:
+    if checkpoint in ("none", "") and not baselines:
         raise ConfigError("nothing to evaluate: no checkpoint and no baselines.", field="--baselines",
-                          fix="pass --baselines.")
+                          fix="pass --baselines, or --checkpoint latest|best|PATH.")
     registry = load_registry(registry_path or DEFAULT_REGISTRY)
     with Store(home) as store:
         store.record_registry(registry)
+        ck_path = resolve_checkpoint(checkpoint, home=store.home, objects=store.objects)
+        ck_untrained = untrained_of(ck_path, home=store.home, objects=store.objects) if ck_path and untrained else None
+        if ck_path is not None:
+            log(f"policy checkpoint {ck_path}" + (f" (untrained: {ck_untrained})" if ck_untrained else ""))
         if data is not None:
             items = load_jsonl(data, quarantine=lambda where, why: store.record_quarantine(str(data), where, why))
             train: list[Item] = []
@@ -274,36 +376,52 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                     by_bench.setdefault(it.benchmark, []).append(it)
             train = [it for b in sorted(by_bench) for it in
                      rng.sample(by_bench[b], min(config.router_train_per_benchmark, len(by_bench[b])))]
+        if not baselines:
+            train = []
         run_id = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         store.record_run(run_id, "eval", {"split": split, "data": str(data) if data else None,
-                                          "checkpoint": checkpoint, "n_items": len(items)}, registry.version)
+                                          "checkpoint": str(ck_path or checkpoint), "cost_lambda": cost_lambda,
+                                          "n_items": len(items)}, registry.version)
         cache = ExpertCache(store)
         experts = build_experts(registry)
-        log(f"evaluating {len(items)} items x {len(level1_pairs(registry))} expert@@skill pairs "
-            f"(+ {len(train)} train items for the routers); every call goes through the cache")
+        pairs = level1_pairs(registry)
+        if baselines:
+            log(f"evaluating {len(items)} items x {len(pairs)} expert@@skill pairs "
+                f"(+ {len(train)} train items for the routers); every call goes through the cache")
+        policies = {name: p for name, p in (("policy", ck_path), ("policy_untrained", ck_untrained)) if p}
 
         async def tables():
             try:
-                t = await pair_table(registry, experts, items, cache=cache, run_id=run_id, config=config.episode,
-                                     progress=log)
-                tt = None
-                if train and config.routers:
-                    log("router training labels (train split):")
-                    tt = await pair_table(registry, experts, train, cache=cache, run_id=run_id + "-train",
-                                          config=config.episode, progress=log)
-                return t, tt
+                t, tt = {}, None
+                if baselines:
+                    t = await pair_table(registry, experts, items, cache=cache, run_id=run_id,
+                                         config=config.episode, progress=log)
+                    if train and config.routers:
+                        log("router training labels (train split):")
+                        tt = await pair_table(registry, experts, train, cache=cache, run_id=run_id + "-train",
+                                              config=config.episode, progress=log)
+                # policy episodes take iterations after the pairs': episode ids stay distinct
+                pol = {name: await policy_runs(registry, experts, items, p, cache=cache, run_id=run_id,
+                                               iteration=len(pairs) + k, cost_lambda=cost_lambda, progress=log)
+                       for k, (name, p) in enumerate(policies.items())}
+                return t, tt, pol
             finally:
                 for e in experts.values():
                     await e.aclose()
 
-        table, train_table = asyncio.run(tables())
+        table, train_table, pol = asyncio.run(tables())
         cache.flush()
         for k, pair in enumerate(table):
             store.write_and_ingest(table[pair], run_id, k, 0)
-        systems = baseline_systems(registry, items, table, train_items=train, train_table=train_table,
-                                   routers=config.routers, seed=config.seed)
+        for k, name in enumerate(pol):
+            store.write_and_ingest(pol[name][0], run_id, len(pairs) + k, 0)
+        systems = dict(pol)
+        if baselines:
+            systems.update(baseline_systems(registry, items, table, train_items=train, train_table=train_table,
+                                            routers=config.routers, seed=config.seed))
         metrics = write_outputs(Path(out), systems=systems, items=items, split=split, registry=registry,
-                                checkpoint=checkpoint, extra={"run_id": run_id})
+                                checkpoint=str(ck_path or checkpoint),
+                                extra={"run_id": run_id, "cost_lambda": cost_lambda})
         for name, m in metrics["systems"].items():
             store.record_eval(run_id, name, split, "all", m)
         store.set_run_status(run_id, "completed")

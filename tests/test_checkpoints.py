@@ -1,0 +1,113 @@
+"""Checkpoints: saved locally and to the object store, resolved by name, resumed after a crash,
+and evaluated beside the untrained policy by `maestro eval --checkpoint`."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maestro_core.checkpoints import list_checkpoints, resolve_checkpoint, untrained_of
+from maestro_core.dataset import Item
+from maestro_core.errors import ConfigError
+from maestro_core.experts import build_experts
+from maestro_core.grpo import GRPOSettings
+from maestro_core.registry import parse_registry
+from maestro_core.store import Store
+from maestro_core.training import TrainConfig, train_policy
+from tests.conftest import BASE_REGISTRY
+
+ROOT = Path(__file__).resolve().parents[1]
+REG = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
+ITEMS = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(6)]
+
+
+def _cfg(iterations):
+    return TrainConfig(iterations=iterations, prompts_per_iteration=2, hidden=64, layers=2, heads=2, vocab_size=512,
+                       eval_every=1, val_items=2, max_turns=2,
+                       grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
+
+
+def _train(home, iterations, run_id="r1"):
+    reg = parse_registry(REG)
+    with Store(home) as store:
+        res = train_policy(reg, ITEMS, ITEMS[:2], store=store, experts=build_experts(reg), config=_cfg(iterations),
+                           out_dir=home / "runs" / run_id, run_id=run_id, log=lambda s: None)
+        n = store.count_episodes(run_id)
+        objects = store.objects
+        keys = objects.list(f"checkpoints/{run_id}/")
+    return res, n, keys
+
+
+def test_checkpoints_go_to_the_object_store_and_resolve_by_name(tmp_path):
+    home = tmp_path / "home"
+    res, n, keys = _train(home, 2)
+    assert n == 2 * 2 * 4
+    names = {k.split("/")[2] for k in keys}
+    assert names == {"ckpt-0", "ckpt-1", "ckpt-2"}
+    assert {"checkpoints/r1/ckpt-2/maestro.json", "checkpoints/r1/ckpt-2/config.json"} <= set(keys)
+    meta = json.loads((home / "runs/r1/ckpt-2/maestro.json").read_text())
+    assert meta["iteration"] == 2 and meta["registry_version"] and "val_accuracy" in meta["metrics"]
+    assert meta["config"]["call_input"] == "question" and len(meta["curve"]) == 2
+
+    with Store(home) as store:
+        objects = store.objects
+    assert resolve_checkpoint("none", home=home) is None
+    assert resolve_checkpoint("latest", home=home, objects=objects) == home / "runs/r1/ckpt-2"
+    best = max((c for c in list_checkpoints(home, objects) if c.iteration > 0),
+               key=lambda c: (c.val_accuracy, c.iteration))
+    assert resolve_checkpoint("best", home=home, objects=objects) == best.path
+    assert resolve_checkpoint("r1/ckpt-1", home=home, objects=objects) == home / "runs/r1/ckpt-1"
+    assert untrained_of(home / "runs/r1/ckpt-2", home=home, objects=objects) == home / "runs/r1/ckpt-0"
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_checkpoint("r1/ckpt-9", home=home, objects=objects)
+
+    # the machine that trained it is gone: the object store copy is downloaded
+    shutil.rmtree(home / "runs")
+    path = resolve_checkpoint("latest", home=home, objects=objects)
+    assert path == home / "runs/r1/ckpt-2" and (path / "model.safetensors").exists()
+    assert json.loads((path / "maestro.json").read_text())["iteration"] == 2
+
+
+def test_resume_after_a_crash_gives_the_same_count_and_curve(tmp_path):
+    # uninterrupted reference
+    ref, n_ref, _ = _train(tmp_path / "ref", 3)
+    # "crash" after two iterations: the run stops, its local folders are lost too
+    home = tmp_path / "home"
+    first, _, _ = _train(home, 2)
+    shutil.rmtree(home / "runs")
+    again, n, _ = _train(home, 3)
+    assert n == n_ref == 3 * 2 * 4  # no duplicated or lost trajectories
+    assert [r["iteration"] for r in again.curve] == [0, 1, 2]
+    assert again.curve[:2] == first.curve  # restored from the checkpoint, not recomputed
+    # same items, same weights up to iteration 2: the resumed iteration 2 sees the reference's items
+    with Store(home) as s1, Store(tmp_path / "ref") as s2:
+        items1 = sorted(t.item_id for t in s1.trajectories("r1", 2))
+        items2 = sorted(t.item_id for t in s2.trajectories("r1", 2))
+    assert items1 == items2
+
+
+def test_eval_with_a_checkpoint_adds_policy_and_untrained(tmp_path):
+    home = tmp_path / "home"
+    _train(home, 1)
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(REG))
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(json.dumps({"id": it.id, "benchmark": it.benchmark, "question": it.question,
+                                          "answer": it.answer, "scorer": it.scorer}) for it in ITEMS) + "\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "eval", "--checkpoint", "latest",
+                          "--cost-lambda", "0.5", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["systems"]) == {"policy", "policy_untrained"}
+    assert m["checkpoint"].endswith("ckpt-1") and m["cost_lambda"] == 0.5
+    assert m["systems"]["policy"]["n_items"] == len(ITEMS)
+    with Store(home) as store:
+        trajs = store.trajectories(m["run_id"])
+    assert {t.checkpoint_id for t in trajs} == {"r1/ckpt-1", "r1/ckpt-0"}
+    assert all(t.cost_lambda == 0.5 for t in trajs)
+    assert all(t.steps[0].action == "call" for t in trajs)  # no answer before an observation
