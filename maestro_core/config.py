@@ -21,7 +21,7 @@ import yaml
 
 from maestro_core.errors import ConfigError
 
-SECTIONS = ("registry", "home", "suite", "eval", "episode", "train")
+SECTIONS = ("registry", "home", "suite", "eval", "episode", "train", "policy")
 
 
 @dataclass(frozen=True)

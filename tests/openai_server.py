@@ -27,6 +27,16 @@ sequence consumed one per request, "ok" once exhausted):
 Replies carry `usage` (prompt tokens = words in the messages' text, completion tokens = words
 in the reply) unless `usage=False`, and `choices[0].logprobs.content` (every token with
 `token_logprob`) when the request asks for `logprobs: true`.
+
+Optional modes (both off by default):
+
+- `completion=fn(body) -> dict`: the whole chat-completion reply is built by `fn` from the
+  request body (e.g. a vLLM-like server that samples with a real model under the request's
+  structured-output regex and returns token ids); faults and the API key check still apply.
+- `routes={"/path": fn(body) -> obj}`: extra POST endpoints (e.g. vLLM's `/collective_rpc`,
+  `/v1/load_lora_adapter`); each answers 200 with `fn`'s JSON (an `(status, obj)` tuple sets
+  the status). Calls are recorded in `route_requests` as `(path, body)`; the API key check
+  applies; faults do not.
 """
 
 from __future__ import annotations
@@ -114,6 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if self.path.rstrip("/") in owner.routes:
+            self._route(owner, self.path.rstrip("/"), raw)
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._error(404, f"no route {self.path}")
             return
@@ -130,13 +143,35 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             owner._leave()
 
-    def _chat(self, owner: "OpenAIServer", index: int, body: dict) -> None:
+    def _authorized(self, owner: "OpenAIServer") -> bool:
         if owner.api_key is not None:
             got = self.headers.get("Authorization", "")
             if got != f"Bearer {owner.api_key}":
                 # like real APIs, echo what was sent: clients must keep keys out of their errors
                 self._error(401, f"Incorrect API key provided: {got.removeprefix('Bearer ')!r}")
-                return
+                return False
+        return True
+
+    def _route(self, owner: "OpenAIServer", path: str, raw: bytes) -> None:
+        try:
+            body = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            self._error(400, "request body is not JSON")
+            return
+        if not self._authorized(owner):
+            return
+        with owner._lock:
+            owner.route_requests.append((path, body))
+        out = owner.routes[path](body)
+        status, obj = out if isinstance(out, tuple) else (200, out)
+        if status >= 400:
+            self._error(status, str(obj))
+        else:
+            self._send_json(status, obj)
+
+    def _chat(self, owner: "OpenAIServer", index: int, body: dict) -> None:
+        if not self._authorized(owner):
+            return
         fault = owner._fault(index, body)
         if owner.latency_s:
             time.sleep(owner.latency_s)
@@ -190,17 +225,23 @@ class OpenAIServer:
         token_logprob: the logprob of every token when the request asks for `logprobs`.
         hang_s: how long a "hang" fault sleeps (cut short when the server stops).
         huge_bytes: size of a "huge" reply body.
+        completion: `fn(body) -> dict` building the whole chat-completion reply (replaces `reply`).
+        routes: extra POST endpoints, path -> `fn(body) -> obj | (status, obj)`.
 
     Attributes: `base_url` ("http://127.0.0.1:PORT/v1"), `port`, `requests` (chat requests
     received, faults included), `received` (their JSON bodies, in arrival order),
-    `max_in_flight` (most chat requests handled at the same time).
+    `max_in_flight` (most chat requests handled at the same time), `route_requests`
+    (`(path, body)` of the extra endpoints' calls).
     """
 
     def __init__(self, reply: Callable[[list[dict]], str] = echo_reply, *, latency_s: float = 0.0,
                  model: str = "m", api_key: str | None = None, faults: FaultSource | None = None,
                  usage: bool = True, token_logprob: float = -0.1, hang_s: float = 30.0,
-                 huge_bytes: int = 8 * 1024 * 1024):
+                 huge_bytes: int = 8 * 1024 * 1024, completion: Callable[[dict], dict] | None = None,
+                 routes: dict[str, Callable[[Any], Any]] | None = None):
         self.reply, self.latency_s, self.model, self.api_key = reply, latency_s, model, api_key
+        self.completion, self.routes = completion, dict(routes or {})
+        self.route_requests: list[tuple[str, Any]] = []
         self.usage, self.token_logprob, self.hang_s, self.huge_bytes = usage, token_logprob, hang_s, huge_bytes
         self._fault_fn: Callable[[int, dict], Fault] | None = None
         self._fault_iter = None
@@ -276,6 +317,8 @@ class OpenAIServer:
         return "ok"
 
     def _completion(self, body: dict) -> dict:
+        if self.completion is not None:
+            return self.completion(body)
         messages = body.get("messages") or []
         text = self.reply(messages)
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
