@@ -369,3 +369,47 @@ def routing_heatmap(metrics: Mapping, path: str | Path) -> Path:
     cb = fig.colorbar(im, ax=list(axes), fraction=0.035, pad=0.01, aspect=30)
     cb.set_label("share of the benchmark's calls", fontsize=10)
     return _save(fig, path)
+
+
+def training_curve_plot(curve: Sequence[Mapping], path: str | Path, *, title: str = "") -> Path:
+    """Training curves, one row per iteration of `curve.json`: mean reward and train accuracy,
+    validation accuracy (where validated), calls and cost per task, and the GRPO loss."""
+    fig = _figure(11, 7, layout="constrained")
+    axes = fig.subplots(2, 2)
+    it = [r["iteration"] for r in curve]
+
+    def series(key):
+        pts = [(r["iteration"], r[key]) for r in curve if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    ax = axes[0][0]
+    for key, label in (("mean_reward", "mean reward (train episodes)"), ("accuracy", "accuracy (train episodes)")):
+        ax.plot(*series(key), marker=".", label=label)
+    ax.set_title("reward")
+    ax = axes[0][1]
+    x, y = series("val_accuracy")
+    ax.plot(x, y, marker="o", color="tab:green", label="validation accuracy (greedy)")
+    ax.set_ylim(0, 1)
+    ax.set_title("validation")
+    ax = axes[1][0]
+    ax.plot(*series("calls_per_task"), marker=".", label="calls per task (train)")
+    x, y = series("val_calls_per_task")
+    ax.plot(x, y, marker="o", label="calls per task (validation)")
+    ax2 = ax.twinx()
+    ax2.plot(*series("cost_per_task"), marker=".", color="tab:red", label="cost per task $ (train)")
+    ax2.set_ylabel("$ per task")
+    ax.set_title("calls and cost")
+    ax2.legend(loc="upper right", fontsize=8)
+    ax = axes[1][1]
+    ax.plot(*series("loss"), marker=".", color="tab:gray", label="GRPO loss")
+    ax.set_title("loss")
+    for row in axes:
+        for a in row:
+            a.set_xlabel("iteration")
+            a.grid(alpha=0.3)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(loc="upper left", fontsize=8)
+            if not it:
+                _empty(a, "no iterations yet")
+    fig.suptitle(title or "training curves")
+    return _save(fig, path)

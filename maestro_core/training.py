@@ -145,6 +145,14 @@ def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config
             "val_cost_per_task": sum(t.total_cost for t in trajs) / n}
 
 
+def write_curve(curve: Sequence[dict], out_dir: Path, run_id: str) -> None:
+    """curve.json and curve.png (training curves) in the run folder."""
+    from maestro_core.plots import training_curve_plot
+
+    (out_dir / "curve.json").write_text(json.dumps(list(curve), indent=2))
+    training_curve_plot(curve, out_dir / "curve.png", title=f"training run {run_id}")
+
+
 def _row_text(row: dict) -> str:
     return " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
@@ -215,9 +223,9 @@ def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Seq
             checkpoints.append(ck)
             if best is None or row["val_accuracy"] > best[0]:
                 best = (row["val_accuracy"], ck)
-            (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
+            write_curve(curve, out_dir, run_id)
         log(_row_text(row))
     cache.flush()
-    (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
+    write_curve(curve, out_dir, run_id)
     store.set_run_status(run_id, "completed")
     return TrainResult(run_id, curve, checkpoints, best[1] if best else None, best[0] if best else None)

@@ -52,6 +52,8 @@ def test_checkpoints_go_to_the_object_store_and_resolve_by_name(tmp_path):
     meta = json.loads((home / "runs/r1/ckpt-2/maestro.json").read_text())
     assert meta["iteration"] == 2 and meta["registry_version"] and "val_accuracy" in meta["metrics"]
     assert meta["config"]["call_input"] == "question" and len(meta["curve"]) == 2
+    png = (home / "runs/r1/curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # the training curves, drawn
 
     with Store(home) as store:
         objects = store.objects
