@@ -8,11 +8,12 @@ process (a Dask worker, a Prefect worker). Its policy is built from a `policy_sp
     {"kind": "scripted", "rules": [["letter", "counter@@text"]], "default": "calc@@math"}
                                                                  demo router: first regex matching the
                                                                  question picks the pair, else default
-    {"kind": "learned", "checkpoint": "s3://.../ckpt-0003"}     the trained policy (not available yet:
-                                                                 refused with a ConfigError)
+    {"kind": "learned", "checkpoint": "/home/runs/r1/ckpt-3", "run_id": "r1", "temperature": 1.0, "seed": 7}
+                                                                 the LM policy of a checkpoint folder
+                                                                 (downloaded from the chunk's object
+                                                                 store when the folder is missing)
 
-The spec is data so that a run's config records exactly which policy collected it, and the
-learned policy plugs in by adding one branch to `build_policy` (name + checkpoint path).
+The spec is data so that a run's config records exactly which policy collected it.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ class ChunkSpec:
     group_size: int = 1
     episode: dict[str, Any] = field(default_factory=dict)
     """EpisodeConfig fields (max_turns, call_timeout_s, ...)."""
+    cost_lambdas: tuple[float, ...] | None = None
+    """Cost weight of each episode (items x group_size, in order), shown in its prompt; None: off."""
 
 
-def build_policy(spec: dict[str, Any], registry: Registry):
+def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | None = None):
     """A policy from its spec (see the module docstring); ConfigError for a bad spec."""
     if not isinstance(spec, dict) or spec.get("kind") not in POLICY_KINDS:
         raise ConfigError(f"unknown policy spec {spec!r}.", field="policy_spec",
@@ -83,44 +86,80 @@ def build_policy(spec: dict[str, Any], registry: Registry):
         def route(question: str) -> str:
             return next((pair for pat, pair in rules if pat.search(question)), default)
         return FixedRoutePolicy(route, checkpoint_id="scripted:demo-router")
-    raise ConfigError("the learned policy cannot collect rollouts yet (maestro_core.lm_policy is not wired "
-                      "into the pipeline).", field="policy_spec.kind", fix="use 'fixed-route' or 'scripted'.")
+    from pathlib import Path
+
+    from maestro_core.checkpoints import download, load_checkpoint_policy
+
+    path = Path(str(spec.get("checkpoint", "")))
+    if not spec.get("checkpoint"):
+        raise ConfigError("a learned policy spec needs 'checkpoint' (a checkpoint folder).",
+                          field="policy_spec.checkpoint", fix="pass the folder written by maestro train.")
+    if not (path / "config.json").exists():
+        if not (object_store and spec.get("run_id")):
+            raise ConfigError(f"checkpoint folder {path} does not exist.", field="policy_spec.checkpoint",
+                              fix="pass an existing folder, or run_id + the chunk's object store to download it.")
+        download(open_object_store(object_store), str(spec["run_id"]), path.name, path)
+    policy = load_checkpoint_policy(path, registry, temperature=float(spec.get("temperature", 1.0)))
+    policy.generator.manual_seed(int(spec.get("seed", 0)))
+    return policy
 
 
-def run_chunk(spec: ChunkSpec) -> dict[str, Any]:
-    """The chunk's episodes -> its shard (replaced when the chunk runs again). No DuckDB: the
-    expert-call cache is memory-only here."""
-    registry = load_registry(spec.registry_path or DEFAULT_REGISTRY)
-    policy = build_policy(spec.policy_spec, registry)
+def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Registry | None = None,
+              experts: dict | None = None, skip_existing: bool = False) -> dict[str, Any]:
+    """The chunk's episodes -> its shard (replaced when the chunk runs again, or kept as it is
+    with `skip_existing`: a rerun after a crash collects only the chunks without a shard).
+    The expert-call cache is memory-only unless `cache` is given (in the store's process);
+    `registry`/`experts` reuse what the caller has loaded (same process)."""
+    from maestro_core.shards import list_shards, shard_key
+
+    objects = open_object_store(spec.object_store)
+    key = shard_key(spec.run_id, spec.iteration, spec.chunk)
+    if skip_existing and key in set(list_shards(objects, spec.run_id, spec.iteration)):
+        return {"key": key, "uri": objects.uri(key), "episodes": None, "chunk": spec.chunk, "skipped": True,
+                "pid": os.getpid()}
+    registry = registry or load_registry(spec.registry_path or DEFAULT_REGISTRY)
+    policy = build_policy(spec.policy_spec, registry, spec.object_store)
     config = build(EpisodeConfig, dict(spec.episode), section="episode")
+    lams = spec.cost_lambdas
 
     async def go():
-        experts = build_experts(registry)
+        own = experts is None
+        backends = build_experts(registry) if own else experts
         try:
-            runner = EpisodeRunner(registry, experts, policy, cache=ExpertCache(None), config=config)
+            runner = EpisodeRunner(registry, backends, policy, cache=cache or ExpertCache(None), config=config)
             return await runner.run(list(spec.items), group_size=spec.group_size, run_id=spec.run_id,
-                                    iteration=spec.iteration, chunk=spec.chunk)
+                                    iteration=spec.iteration, chunk=spec.chunk,
+                                    cost_lambda=(lambda k: lams[k]) if lams else None)
         finally:
-            for e in experts.values():
-                await e.aclose()
+            if own:
+                for e in backends.values():
+                    await e.aclose()
 
     trajectories = run_sync(go())
-    objects = open_object_store(spec.object_store)
     key = write_shard(objects, trajectories, spec.run_id, spec.iteration, spec.chunk)
     return {"key": key, "uri": objects.uri(key), "episodes": len(trajectories), "chunk": spec.chunk,
-            "accuracy": sum(t.outcome for t in trajectories) / max(1, len(trajectories)), "pid": os.getpid()}
+            "accuracy": sum(t.outcome for t in trajectories) / max(1, len(trajectories)), "pid": os.getpid(),
+            "skipped": False}
 
 
 def chunk_specs(items: list[Item], *, run_id: str, iteration: int, chunk_size: int, policy_spec: dict[str, Any],
                 object_store: str, registry_path: str | None, group_size: int = 1,
-                episode: dict[str, Any] | None = None) -> list[ChunkSpec]:
-    """Split items into chunks of `chunk_size` (chunk = index; deterministic)."""
+                episode: dict[str, Any] | None = None, cost_lambdas: list[float] | None = None) -> list[ChunkSpec]:
+    """Split items into chunks of `chunk_size` (chunk = index; deterministic). `cost_lambdas`
+    (one per episode, items x group_size in order) are split along; a learned policy's seed is
+    offset by the chunk index."""
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}.", field="chunk_size", fix="use e.g. 16.")
-    return [ChunkSpec(run_id=run_id, iteration=iteration, chunk=k, items=tuple(items[i:i + chunk_size]),
-                      policy_spec=dict(policy_spec), object_store=object_store, registry_path=registry_path,
-                      group_size=group_size, episode=dict(episode or {}))
-            for k, i in enumerate(range(0, len(items), chunk_size))]
+    out = []
+    for k, i in enumerate(range(0, len(items), chunk_size)):
+        spec = dict(policy_spec)
+        if spec.get("kind") == "learned":
+            spec["seed"] = int(spec.get("seed", 0)) + k
+        lams = tuple(cost_lambdas[i * group_size:(i + chunk_size) * group_size]) if cost_lambdas else None
+        out.append(ChunkSpec(run_id=run_id, iteration=iteration, chunk=k, items=tuple(items[i:i + chunk_size]),
+                             policy_spec=spec, object_store=object_store, registry_path=registry_path,
+                             group_size=group_size, episode=dict(episode or {}), cost_lambdas=lams))
+    return out
 
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:

@@ -5,11 +5,11 @@
 
 Each iteration samples `prompts_per_iteration` train items, runs `num_generations` episodes
 per item with the current weights (the LM policy, grammar-constrained, the compact prompt),
-writes them as a shard and into DuckDB, then makes one GRPO optimizer step from exactly
-those episodes (on-policy: collect once per step). Every `eval_every` iterations the greedy
-policy is scored on validation items and a checkpoint is saved; a curve row is kept per
-iteration. Collection and update are separate functions (`collect`, `update`) so the
-pipeline can run them as separate retryable tasks.
+writes them as shards and into DuckDB, then makes one GRPO optimizer step from exactly
+those episodes (on-policy: collect once per step) and saves the next checkpoint. Every
+`eval_every` iterations the greedy policy is scored on validation items; a curve row is kept
+per iteration. `TrainingRun` holds the steps (chunk specs -> shards, ingest, update) so the
+pipeline runs them as separate retryable tasks; `train_policy` runs them in a plain loop.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class TrainConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=50, metadata={"help": "Validation items scored at each evaluation."})
+    chunk_size: int = field(default=0, metadata={
+        "help": "Items per rollout chunk (one task and one shard each); 0: the whole iteration in one chunk, "
+                "which batches the policy best on one machine."})
     cost_lambda_max: float = field(default=0.0, metadata={
         "help": "Cost weight sampled uniformly in [0, max] per episode and shown in the prompt (0: off)."})
     cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
@@ -117,15 +120,6 @@ def episode_config(config: TrainConfig) -> EpisodeConfig:
                          reward=RewardConfig(cost_scale=config.cost_scale))
 
 
-def collect(runner: EpisodeRunner, items: Sequence[Item], config: TrainConfig, *, run_id: str, iteration: int,
-            rng: random.Random) -> list[Trajectory]:
-    """One iteration's episodes: `num_generations` per item, cost weight sampled per episode."""
-    lams = [rng.uniform(0.0, config.cost_lambda_max) if config.cost_lambda_max else None
-            for _ in range(len(items) * config.grpo.num_generations)]
-    return asyncio.run(runner.run(items, group_size=config.grpo.num_generations, run_id=run_id, iteration=iteration,
-                                  cost_lambda=(lambda k: lams[k]) if config.cost_lambda_max else None))
-
-
 def update(model, tokenizer, trajectories: Sequence[Trajectory], config: TrainConfig, out_dir: Path):
     model.train()
     return grpo_update(model, tokenizer, list(trajectories), config.grpo, str(out_dir / "trainer"))
@@ -157,75 +151,178 @@ def _row_text(row: dict) -> str:
     return " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
-def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store, experts,
-                 config: TrainConfig, out_dir: Path, run_id: str | None = None, data_version: str | None = None,
-                 resume: bool = True, log: Callable[[str], None] = print) -> TrainResult:
-    """Train from scratch, or resume the run from its latest checkpoint (local folder or object
-    store) when `resume` and one exists: the weights, tokenizer and curve come back, and the
-    iterations after it are collected again (each chunk replaces its earlier copy, so nothing
-    is stored twice). The optimizer's moments restart at a resume."""
-    from maestro_core.checkpoints import load_checkpoint_policy, local_copy, run_checkpoints, save_checkpoint
+class TrainingRun:
+    """One training run between iterations: the learner (model, tokenizer, optimizer state) in
+    this process, the run folder, its checkpoints and curve.
 
-    if not train_items:
-        raise ConfigError("no train items.", fix="build the suite (maestro build-dataset) or pass a train split.")
-    run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(out_dir)
-    objects = getattr(store, "objects", None)
-    meta_base = {"run_id": run_id, "registry_version": registry.version, "data_version": data_version,
-                 "config": asdict(config)}
-    done = run_checkpoints(out_dir, run_id, objects) if resume else []
-    curve: list[dict] = []
-    checkpoints: list[str] = []
-    if done:
-        last = done[-1]
-        path = local_copy(last, out_dir / last.name, objects)
-        policy = load_checkpoint_policy(path, registry, temperature=config.temperature,
-                                        checkpoint_id=f"{run_id}/{last.name}")
-        model, tok = policy.model, policy.tokenizer
-        policy.generator.manual_seed(config.seed + last.iteration)
-        curve = list(last.meta.get("curve", []))[:last.iteration]
-        checkpoints = [str(c.path or c.name) for c in sorted(done, key=lambda c: c.iteration) if c.iteration > 0]
-        start = last.iteration
-        log(f"resuming run {run_id} from {last.name} (iteration {start} of {config.iterations})")
-    else:
-        model, tok, policy = build_policy(registry, [it.question for it in train_items], config)
-        start = 0
-        store.record_run(run_id, "train", {"config": asdict(config), "n_train": len(train_items)}, registry.version)
-        save_checkpoint(model, tok, out_dir / "ckpt-0", {**meta_base, "iteration": 0, "metrics": {}, "curve": []},
-                        objects=objects)
-    cache = ExpertCache(store)
-    runner = EpisodeRunner(registry, experts, policy, cache=cache, config=episode_config(config))
-    val = spread(val_items, config.val_items, seed=config.seed)
-    best: tuple[float, str] | None = None
-    for c in done:
-        if c.val_accuracy is not None and c.iteration <= start and (best is None or c.val_accuracy > best[0]):
-            best = (c.val_accuracy, str(c.path or c.name))
-    for it in range(start, config.iterations):
+        run = TrainingRun(registry, train, val, store=store, experts=experts, config=cfg, out_dir=d, run_id="r1")
+        for it in range(run.start, cfg.iterations):
+            for spec in run.chunk_specs(it):          # each chunk: a task (any process) -> a shard
+                run_chunk(spec, skip_existing=True)
+            run.ingest(it)                            # the one writer: shards -> DuckDB
+            run.update(it)                            # GRPO step -> ckpt-(it+1), validation, curve
+        result = run.finish()
+
+    Iteration `it` is collected by the policy of checkpoint `ckpt-it` (a folder, also in the
+    object store), so collection can run anywhere and a crashed run resumes from its latest
+    checkpoint: chunks whose shard exists are not collected again, the update is redone, and
+    nothing is stored twice. Items and cost weights of an iteration are functions of (seed,
+    iteration). The optimizer's moments restart at a resume. Checkpoints kept: ckpt-0 (the
+    untrained policy), every validated one, and the latest.
+    """
+
+    def __init__(self, registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store,
+                 experts, config: TrainConfig, out_dir: Path, run_id: str | None = None,
+                 data_version: str | None = None, registry_path: str | None = None, resume: bool = True,
+                 log: Callable[[str], None] = print):
+        from maestro_core.checkpoints import load_checkpoint_policy, local_copy, run_checkpoints, save_checkpoint
+
+        if not train_items:
+            raise ConfigError("no train items.", fix="build the suite (maestro build-dataset) or pass a train split.")
+        self.registry, self.train_items, self.store, self.experts = registry, list(train_items), store, experts
+        self.config, self.out_dir, self.log = config, Path(out_dir), log
+        self.run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.registry_path = registry_path
+        self.objects = store.objects
+        self.meta_base = {"run_id": self.run_id, "registry_version": registry.version, "data_version": data_version,
+                          "config": asdict(config)}
+        self.val = spread(val_items, config.val_items, seed=config.seed)
+        self.cache = ExpertCache(store)
+        self.curve: list[dict] = []
+        self.timing: dict[int, dict] = {}
+        done = run_checkpoints(self.out_dir, self.run_id, self.objects) if resume else []
+        if done:
+            last = done[-1]
+            path = local_copy(last, self.out_dir / last.name, self.objects)
+            policy = load_checkpoint_policy(path, registry, temperature=config.temperature)
+            self.model, self.tokenizer = policy.model, policy.tokenizer
+            self.curve = list(last.meta.get("curve", []))[:last.iteration]
+            self.start = last.iteration
+            self.checkpoints = [str(c.path or c.name) for c in done if c.iteration > 0 and c.val_accuracy is not None]
+            scored = [c for c in done if c.val_accuracy is not None]
+            best = max(scored, key=lambda c: (c.val_accuracy, c.iteration)) if scored else None
+            self.best = (best.val_accuracy, str(best.path or best.name)) if best else None
+            log(f"resuming run {self.run_id} from {last.name} (iteration {self.start} of {config.iterations})")
+        else:
+            self.model, self.tokenizer, _ = build_policy(registry, [it.question for it in train_items], config)
+            self.start, self.checkpoints, self.best = 0, [], None
+            save_checkpoint(self.model, self.tokenizer, self.out_dir / "ckpt-0",
+                            {**self.meta_base, "iteration": 0, "metrics": {}, "curve": []}, objects=self.objects)
+        store.record_run(self.run_id, "train", {"config": asdict(config), "n_train": len(train_items),
+                                                "out_dir": str(self.out_dir)}, registry.version, status="running")
+
+    # -- what an iteration collects --------------------------------------------------------------
+    def items_for(self, it: int) -> list[Item]:
+        rng = random.Random(f"{self.config.seed}-items-{it}")
+        return rng.sample(self.train_items, min(self.config.prompts_per_iteration, len(self.train_items)))
+
+    def lambdas_for(self, it: int, n: int) -> list[float] | None:
+        if not self.config.cost_lambda_max:
+            return None
+        rng = random.Random(f"{self.config.seed}-lambda-{it}")
+        return [rng.uniform(0.0, self.config.cost_lambda_max) for _ in range(n)]
+
+    def checkpoint_path(self, it: int) -> Path:
+        return self.out_dir / f"ckpt-{it}"
+
+    def chunk_specs(self, it: int) -> list:
+        from maestro_core.rollouts import chunk_specs
+
+        items = self.items_for(it)
+        g = self.config.grpo.num_generations
+        ep = episode_config(self.config)
+        episode = {"max_turns": ep.max_turns, "call_timeout_s": ep.call_timeout_s, "compact_prompt": True,
+                   "reward": {"cost_scale": self.config.cost_scale}}
+        spec = {"kind": "learned", "checkpoint": str(self.checkpoint_path(it)), "run_id": self.run_id,
+                "temperature": self.config.temperature, "seed": self.config.seed * 100_003 + it * 1009}
+        return chunk_specs(items, run_id=self.run_id, iteration=it, chunk_size=self.config.chunk_size or len(items),
+                           policy_spec=spec, object_store=self.objects.uri(), registry_path=self.registry_path,
+                           group_size=g, episode=episode, cost_lambdas=self.lambdas_for(it, len(items) * g))
+
+    def collect(self, it: int) -> list[dict]:
+        """Every chunk of the iteration in this process (with the run's persistent expert cache);
+        chunks that already have a shard are skipped."""
+        from maestro_core.rollouts import run_chunk
+
         t0 = time.perf_counter()
-        policy.checkpoint_id = f"{run_id}/ckpt-{it}"
-        rng = random.Random(f"{config.seed}-{it}")  # per iteration: a resumed run samples the same items
-        batch = rng.sample(list(train_items), min(config.prompts_per_iteration, len(train_items)))
-        trajs = collect(runner, batch, config, run_id=run_id, iteration=it, rng=rng)
-        store.write_and_ingest(trajs, run_id, it, 0)
+        out = [run_chunk(spec, cache=self.cache, registry=self.registry, experts=self.experts, skip_existing=True)
+               for spec in self.chunk_specs(it)]
+        self.cache.flush()
+        self.timing.setdefault(it, {})["collect_s"] = time.perf_counter() - t0
+        return out
+
+    def ingest(self, it: int) -> int:
+        """Load the iteration's shards into DuckDB (the one writer); returns its episode count."""
+        self.store.load_shards(self.run_id, it)
+        return self.store.count_episodes(self.run_id, it)
+
+    # -- the update ----------------------------------------------------------------------------
+    def update(self, it: int, *, validate_now: bool | None = None) -> dict:
+        """GRPO step from the iteration's stored episodes -> ckpt-(it+1) (validated every
+        `eval_every` iterations and at the end); returns the iteration's curve row."""
+        from maestro_core.checkpoints import save_checkpoint
+
+        cfg = self.config
+        trajs = self.store.trajectories(self.run_id, it)
+        want = min(cfg.prompts_per_iteration, len(self.train_items)) * cfg.grpo.num_generations
+        if len(trajs) != want:
+            raise ConfigError(f"iteration {it} of run {self.run_id} has {len(trajs)} stored episodes, expected {want}.",
+                              source="training", fix="collect the missing chunks (rerun the iteration), then update.")
         t1 = time.perf_counter()
-        res = update(model, tok, trajs, config, out_dir)
+        res = update(self.model, self.tokenizer, trajs, cfg, self.out_dir)
         n = len(trajs)
         row = {"iteration": it, "mean_reward": sum(t.reward for t in trajs) / n,
                "accuracy": sum(t.outcome for t in trajs) / n, "calls_per_task": sum(t.n_calls for t in trajs) / n,
                "cost_per_task": sum(t.total_cost for t in trajs) / n, "loss": res.loss,
-               "collect_s": t1 - t0, "update_s": time.perf_counter() - t1}
-        if (it + 1) % config.eval_every == 0 or it == config.iterations - 1:
-            row.update(validate(registry, model, tok, val, config, experts, cache))
-        curve.append(row)
-        if "val_accuracy" in row:
-            ck = save_checkpoint(model, tok, out_dir / f"ckpt-{it + 1}", {
-                **meta_base, "iteration": it + 1, "metrics": row, "curve": curve}, objects=objects)
-            checkpoints.append(ck)
-            if best is None or row["val_accuracy"] > best[0]:
-                best = (row["val_accuracy"], ck)
-            write_curve(curve, out_dir, run_id)
-        log(_row_text(row))
-    cache.flush()
-    write_curve(curve, out_dir, run_id)
-    store.set_run_status(run_id, "completed")
-    return TrainResult(run_id, curve, checkpoints, best[1] if best else None, best[0] if best else None)
+               "collect_s": self.timing.get(it, {}).get("collect_s"), "update_s": time.perf_counter() - t1}
+        if validate_now is None:
+            validate_now = (it + 1) % cfg.eval_every == 0 or it == cfg.iterations - 1
+        if validate_now:
+            row.update(validate(self.registry, self.model, self.tokenizer, self.val, cfg, self.experts, self.cache))
+        self.curve = [r for r in self.curve if r["iteration"] < it] + [row]
+        ck = save_checkpoint(self.model, self.tokenizer, self.checkpoint_path(it + 1), {
+            **self.meta_base, "iteration": it + 1, "metrics": row if validate_now else {}, "curve": self.curve},
+            objects=self.objects)
+        self._prune(keep=it + 1)
+        if validate_now:
+            self.checkpoints.append(ck)
+            if self.best is None or row["val_accuracy"] > self.best[0]:
+                self.best = (row["val_accuracy"], ck)
+            write_curve(self.curve, self.out_dir, self.run_id)
+        self.log(_row_text(row))
+        return row
+
+    def _prune(self, keep: int) -> None:
+        """Drop unvalidated checkpoints other than ckpt-0 and the latest (local and object store)."""
+        import shutil
+
+        from maestro_core.checkpoints import PREFIX, run_checkpoints
+
+        for c in run_checkpoints(self.out_dir, self.run_id, self.objects):
+            if c.iteration in (0, keep) or c.val_accuracy is not None:
+                continue
+            if c.path is not None:
+                shutil.rmtree(c.path, ignore_errors=True)
+            for key in self.objects.list(f"{PREFIX}/{self.run_id}/{c.name}/"):
+                self.objects.delete(key)
+
+    def finish(self) -> TrainResult:
+        self.cache.flush()
+        write_curve(self.curve, self.out_dir, self.run_id)
+        self.store.set_run_status(self.run_id, "completed")
+        return TrainResult(self.run_id, self.curve, self.checkpoints, self.best[1] if self.best else None,
+                           self.best[0] if self.best else None)
+
+
+def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store, experts,
+                 config: TrainConfig, out_dir: Path, run_id: str | None = None, data_version: str | None = None,
+                 resume: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """The loop without an orchestrator: collect (in this process), ingest, update, per
+    iteration. The Prefect flow `train_orchestrator` runs the same TrainingRun steps as tasks."""
+    run = TrainingRun(registry, train_items, val_items, store=store, experts=experts, config=config,
+                      out_dir=out_dir, run_id=run_id, data_version=data_version, resume=resume, log=log)
+    for it in range(run.start, config.iterations):
+        run.collect(it)
+        run.ingest(it)
+        run.update(it)
+    return run.finish()
