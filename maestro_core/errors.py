@@ -5,6 +5,7 @@
 - ModelBehaviorError: the policy wrote something the protocol does not accept. It never
   crashes an episode: the runner shows it to the policy as an error observation.
 - ExpertError: an expert failed (timeout, HTTP status, bad reply). Some are retryable.
+  ExpertUnavailable: its circuit breaker is open, the call failed fast.
 - StorageError: the store or the object store failed, or its schema does not match.
 - SandboxError: code execution could not be set up (not: the code failed; that is a result).
 """
@@ -98,6 +99,15 @@ class ExpertHTTPError(ExpertError):
 
 class ExpertReplyError(ExpertError):
     """The expert answered, but not in a form we can read (malformed JSON, no choices)."""
+
+
+class ExpertUnavailable(ExpertError):
+    """The expert's circuit breaker is open: the call failed fast, the expert was not contacted.
+    `retry_in_s` says when a trial call will be let through (see maestro_core.breaker)."""
+
+    def __init__(self, message: str, *, expert: str | None = None, retry_in_s: float = 0.0):
+        self.retry_in_s = retry_in_s
+        super().__init__(message, expert=expert)
 
 
 class BudgetExceeded(MaestroError):

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from maestro_core.breaker import BreakerConfig
 from maestro_core.errors import ConfigError
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[1] / "registry" / "maestro-mini.yaml"
@@ -68,6 +69,8 @@ class Expert:
     max_concurrency: int = 8
     deterministic: bool = True
     """Same input, same output (greedy decoding, pure functions): its calls may be cached."""
+    breaker: BreakerConfig = BreakerConfig()
+    """When this expert's circuit breaker opens (failures in a row), and for how long."""
 
     @property
     def digest(self) -> str:
@@ -343,7 +346,7 @@ def _parse_expert(v: _Validator, e: Any, i: int, vocab: Mapping[str, str]) -> Ex
     name = v.string(e, entry, "name", name=True)
     entry = f"experts[{i}] {name}"
     v.allowed(e, entry, {"name", "description", "backend", "capabilities", "price", "timeout_s",
-                         "max_concurrency", "deterministic"})
+                         "max_concurrency", "deterministic", "breaker"})
     backend = e.get("backend")
     if not isinstance(backend, dict) or backend.get("kind") not in BACKENDS:
         raise v.err(f"must be a mapping with 'kind' one of {list(BACKENDS)}.", entry=entry, field="backend.kind",
@@ -376,9 +379,33 @@ def _parse_expert(v: _Validator, e: Any, i: int, vocab: Mapping[str, str]) -> Ex
     det = e.get("deterministic", True)
     if not isinstance(det, bool):
         raise v.err("must be true or false.", entry=entry, field="deterministic", fix="write true or false.")
+    breaker = _parse_breaker(v, e.get("breaker", {}), entry)
     return Expert(name=name, description=str(e.get("description", "")), kind=kind,
                   backend=MappingProxyType(dict(backend)), capabilities=caps, price=price,
-                  timeout_s=timeout_s, max_concurrency=conc, deterministic=det)
+                  timeout_s=timeout_s, max_concurrency=conc, deterministic=det, breaker=breaker)
+
+
+def _parse_breaker(v: _Validator, raw: Any, entry: str) -> BreakerConfig:
+    """Optional `breaker: {failures: 5, window_s: 60, cooldown_s: 30}` (failures 0: off)."""
+    if raw is None:
+        return BreakerConfig()
+    if not isinstance(raw, dict):
+        raise v.err("must be a mapping.", entry=entry, field="breaker",
+                    fix="e.g. 'breaker: {failures: 5, window_s: 60, cooldown_s: 30}' (failures: 0 turns it off).")
+    v.allowed(raw, entry, {"failures", "window_s", "cooldown_s"})
+    default = BreakerConfig()
+    failures = raw.get("failures", default.failures)
+    if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+        raise v.err(f"must be an integer >= 0, got {failures!r}.", entry=entry, field="breaker.failures",
+                    fix="set it to e.g. 5 (failures in a row that open the breaker), or 0 to turn it off.")
+    seconds = {}
+    for key in ("window_s", "cooldown_s"):
+        val = raw.get(key, getattr(default, key))
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
+            raise v.err(f"must be a positive number of seconds, got {val!r}.", entry=entry, field=f"breaker.{key}",
+                        fix=f"set it to e.g. {getattr(default, key):g}.")
+        seconds[key] = float(val)
+    return BreakerConfig(failures=failures, **seconds)
 
 
 def _parse_skill(v: _Validator, s: Any, i: int, vocab: Mapping[str, str], experts: Mapping[str, Expert],
@@ -490,7 +517,10 @@ def _normalised(reg: Registry) -> dict:
         "experts": {n: {"description": e.description, "kind": e.kind, "backend": _plain(e.backend),
                         "capabilities": sorted(e.capabilities), "price": e.price.__dict__,
                         "timeout_s": e.timeout_s, "max_concurrency": e.max_concurrency,
-                        "deterministic": e.deterministic} for n, e in reg.experts.items()},
+                        "deterministic": e.deterministic,
+                        # only when set: registries without one keep their version
+                        **({"breaker": e.breaker.__dict__} if e.breaker != BreakerConfig() else {})}
+                   for n, e in reg.experts.items()},
         "skills": {n: {"description": s.description, "requires": sorted(s.requires),
                        "default_solver": s.default_solver, "dispatch": [list(r) for r in s.dispatch],
                        "solvers": {sn: {"description": sv.description, "requires": sorted(sv.requires),

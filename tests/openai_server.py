@@ -23,6 +23,9 @@ sequence consumed one per request, "ok" once exhausted):
 - "huge": status 200 with a valid JSON body of `huge_bytes`, sent chunked (no
   Content-Length), so only a client that bounds what it reads survives it.
 - "drop": close the connection without answering (a connection error for the client).
+- "garbage": status 200 with a text/plain body of random printable garbage (not JSON).
+- "echo_auth": a normal reply whose text is the Authorization header the request carried
+  (a misconfigured proxy or debug server echoing headers).
 
 Replies carry `usage` (prompt tokens = words in the messages' text, completion tokens = words
 in the reply) unless `usage=False`, and `choices[0].logprobs.content` (every token with
@@ -42,7 +45,9 @@ Optional modes (both off by default):
 from __future__ import annotations
 
 import json
+import random
 import socket
+import string
 import sys
 import threading
 import time
@@ -193,6 +198,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "huge":
             self._send_huge(owner.huge_bytes)
+            return
+        if fault == "garbage":
+            rng = random.Random(index)
+            junk = "".join(rng.choice(string.printable) for _ in range(rng.randint(1, 300)))
+            self._send_bytes(200, ("<html>502 Bad Gateway " + junk).encode(), content_type="text/plain")
+            return
+        if fault == "echo_auth":
+            reply = owner._completion(body)
+            reply["choices"][0]["message"]["content"] = "you sent: " + self.headers.get("Authorization", "")
+            self._send_json(200, reply)
             return
         if fault != "ok":
             raise ValueError(f"unknown fault {fault!r}")

@@ -1,4 +1,8 @@
-"""The expert interface: `await backend.generate(messages, images) -> ExpertReply`."""
+"""The expert interface: `await backend.generate(messages, images) -> ExpertReply`.
+
+Every call of every backend passes the expert's circuit breaker (`backend.breaker`, set by the
+registry entry's `breaker:`): while it is open, `generate` raises ExpertUnavailable at once.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from maestro_core.breaker import CircuitBreaker
+from maestro_core.errors import ExpertError
 from maestro_core.registry import Expert, Registry
 
 
@@ -35,6 +41,7 @@ class ExpertBackend(abc.ABC):
 
     def __init__(self, spec: Expert):
         self.spec = spec
+        self.breaker = CircuitBreaker(spec.name, spec.breaker)
 
     @property
     def name(self) -> str:
@@ -43,8 +50,20 @@ class ExpertBackend(abc.ABC):
     async def generate(self, messages: Sequence[Mapping[str, str]], images: Sequence[str | Path] = ()) -> ExpertReply:
         """Answer a chat (`[{"role": "user", "content": "..."}]`) about `images` (file paths).
 
-        Raises ExpertError (ExpertTimeout, ExpertHTTPError, ExpertReplyError) on failure."""
-        return await self._generate(list(messages), [Path(p) for p in images])
+        Raises ExpertError (ExpertTimeout, ExpertHTTPError, ExpertReplyError) on failure, and
+        ExpertUnavailable without calling the model while the expert's breaker is open."""
+        breaker = self.breaker
+        trial = breaker.before_call()
+        try:
+            reply = await self._generate(list(messages), [Path(p) for p in images])
+        except ExpertError as e:
+            breaker.record_failure(e, trial)
+            raise
+        except BaseException:
+            breaker.release(trial)  # cancelled (the episode's call timeout) or a bug: no verdict
+            raise
+        breaker.record_success(trial)
+        return reply
 
     @abc.abstractmethod
     async def _generate(self, messages: list[Mapping[str, str]], images: list[Path]) -> ExpertReply: ...

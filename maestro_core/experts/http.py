@@ -12,7 +12,8 @@ Backend settings (`spec.backend`):
 - api_key_env: name of the environment variable holding the key. Default: MAESTRO_API_KEY,
   then OPENAI_API_KEY; with neither set no Authorization header is sent (local servers).
   The key is read on first use, sent as `Authorization: Bearer`, and never logged nor put
-  in an exception message (error bodies that echo it are redacted).
+  in an exception message (error bodies that echo it are redacted); a reply text that holds
+  it (a proxy echoing headers) is redacted too, so it never reaches a trajectory.
 - temperature (0.0), max_tokens (256).
 - max_retries (3): retries after the first attempt, so at most 1 + max_retries requests.
   Retried: 429, 5xx, timeouts, connection errors, bodies that are not JSON. Other 4xx and
@@ -30,6 +31,9 @@ Backend settings (`spec.backend`):
 `spec.max_concurrency` bounds the requests in flight for this expert, and sizes its
 connection pools so a request never waits for a connection. The HTTP clients and the slots
 are made per running event loop, so one HTTPExpert works under several `asyncio.run` calls.
+The expert's circuit breaker (maestro_core.breaker) is asked again before every attempt: a
+call that queued or backed off while the breaker opened stops with ExpertUnavailable
+instead of sending.
 """
 
 from __future__ import annotations
@@ -252,6 +256,10 @@ class HTTPExpert(ExpertBackend):
                 t_wait = time.perf_counter()
                 slot = await state.slots.get()
                 queued += time.perf_counter() - t_wait  # our own queue is not the expert's latency
+                if self.breaker.rejecting():
+                    # the breaker opened while this call queued or backed off: stop, send nothing
+                    state.slots.put_nowait(slot)
+                    raise self.breaker.unavailable()
                 try:
                     data = await self._attempt(state.clients[slot // _POOL_SLOTS], body)
                 finally:
@@ -286,7 +294,7 @@ class HTTPExpert(ExpertBackend):
             raise self._err(ExpertReplyError, f"reply has no choices[0].message: {json.dumps(data)[:200]}") from None
         if isinstance(content, list):  # some servers answer in content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        text = content if isinstance(content, str) else ""
+        text = self._redact(content) if isinstance(content, str) else ""
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         tin, tout = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if not isinstance(tin, int):
