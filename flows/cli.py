@@ -7,8 +7,9 @@
     maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
     maestro collect --policy SPEC [--data FILE] [--runner local|dask] ...
                                        collect rollouts in chunks (one shard each), load them into the store
-    maestro train [--config C] [--iterations N] [--run-id R] [--out DIR]
-                                       GRPO training of the policy on the suite's train split
+    maestro train [--config C] [--iterations N] [--run-id R | --fresh] [--baselines] [--direct]
+                                       GRPO training of the policy (the train-orchestrator flow on
+                                       Prefect's ephemeral API), then the test-split evaluation
     maestro demo                       the main job: build the suite, warm up, evaluate baselines
     maestro trace EPISODE_ID [--home DIR] [--full]
                                        one stored episode turn by turn: calls, observations, costs, reward
@@ -130,24 +131,37 @@ def _progress(stage: str):
     return report
 
 
-def _train(args) -> int:
-    """Train the policy on the embedded default (the loop runs directly until the pipeline's
-    train_orchestrator flow wraps it; the command stays the same). Resumes by default: without
-    --run-id, the newest unfinished training run with the same config goes on."""
-    import hashlib
-    import json
-    import shutil
-    import time
-    from dataclasses import asdict
-    from pathlib import Path
+def _prefect_defaults() -> None:
+    """Offline-friendly defaults for Prefect's ephemeral API (no server to start by hand): a
+    generous start-up timeout (the first start takes 16-27 s on 2 cores) and no telemetry."""
+    import os
+    for k, v in {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "DO_NOT_TRACK": "1",
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+        os.environ.setdefault(k, v)
 
-    from maestro_core.checkpoints import PREFIX
+
+def _train(args) -> int:
+    """Train the policy: the `train-orchestrator` Prefect flow on Prefect's ephemeral API (or
+    $PREFECT_API_URL), or with --direct the same maestro_core steps in a plain loop. Resumes by
+    default: without --run-id, the newest unfinished training run with the same config goes on."""
+    if not args.direct:
+        _prefect_defaults()
+        from flows.pipeline import train_orchestrator
+        res = train_orchestrator(config_path=args.config, iterations=args.iterations, run_id=args.run_id,
+                                 fresh=args.fresh, home=args.home, runner=args.runner, dask_address=args.dask_address,
+                                 evaluate_test=not args.no_eval, baselines=args.baselines, out=args.out)
+        print(f"done: run {res['run_id']} in {res['out_dir']}; best checkpoint {res['best_checkpoint']} "
+              f"(validation accuracy {res['best_val_accuracy']}); curves {res['curve_png']}")
+        if res["test"]:
+            print("test split: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(res["test"].items(), key=lambda kv: -kv[1]))
+                  + f"; report in {res['eval_out']}")
+        return 0
     from maestro_core.config import build, load_config
     from maestro_core.experts import build_experts
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
     from maestro_core.store import Store
     from maestro_core.suite import ensure_suite
-    from maestro_core.training import TrainConfig, train_policy
+    from maestro_core.training import TrainConfig, choose_run, data_version, train_policy
     cfg = load_config(args.config)
     section = cfg.section("train")
     if args.iterations is not None:
@@ -155,27 +169,15 @@ def _train(args) -> int:
     tcfg = build(TrainConfig, section, source=cfg.source, section="train")
     registry = load_registry(cfg.registry or DEFAULT_REGISTRY)
     with Store(args.home or cfg.home) as store:
-        run_id = args.run_id
-        if run_id is None and not args.fresh:
-            same = json.loads(json.dumps(asdict(tcfg), default=str))
-            open_runs = [r for r in store.runs("train") if r["status"] != "completed"
-                         and (r.get("config") or {}).get("config") == same]
-            run_id = open_runs[-1]["run_id"] if open_runs else None
-        run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(args.out) if args.out else store.home / "runs" / run_id
-        if args.fresh:
-            shutil.rmtree(out, ignore_errors=True)
-            for key in store.objects.list(f"{PREFIX}/{run_id}/"):
-                store.objects.delete(key)
+        run_id, out = choose_run(store, tcfg, args.run_id, fresh=args.fresh)
         store.record_registry(registry)
         suite = ensure_suite(store, log=print)
         train = [it for it in suite if it.split == "train"]
         val = [it for it in suite if it.split == "val"]
-        data_version = hashlib.sha256("\n".join(sorted(it.id for it in suite)).encode()).hexdigest()[:16]
         print(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
               f"{tcfg.grpo.num_generations} episodes; outputs in {out}")
         res = train_policy(registry, train, val, store=store, experts=build_experts(registry), config=tcfg,
-                           out_dir=out, run_id=run_id, data_version=data_version)
+                           out_dir=out, run_id=run_id, data_version=data_version(train + val))
     print(f"done: checkpoints {res.checkpoints}; best {res.best_checkpoint} "
           f"(val accuracy {res.best_val_accuracy}); curve {out / 'curve.json'}")
     return 0
@@ -261,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run id; an existing run resumes from its latest checkpoint (default: the newest "
                         "unfinished run with the same config, else train-<time>)")
     t.add_argument("--fresh", action="store_true", help="start over: a new run, or --run-id's checkpoints deleted")
-    t.add_argument("--out", default=None, help="output folder (default: HOME/runs/RUN_ID)")
+    t.add_argument("--direct", action="store_true", help="run the loop without Prefect (same maestro_core steps)")
+    t.add_argument("--runner", default="local", choices=["local", "dask"], help="rollout chunk task runner")
+    t.add_argument("--dask-address", default=None, help="Dask scheduler address (runner dask; default a LocalCluster)")
+    t.add_argument("--baselines", action="store_true", help="evaluate every baseline beside the policy on test")
+    t.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
+    t.add_argument("--out", default=None, help="test evaluation folder (default: HOME/reports/train-RUN_ID-<time>)")
     t.set_defaults(func=_train)
 
     d = sub.add_parser("demo", help="the main job on the embedded default: suite, warm-up, baselines")

@@ -1,5 +1,6 @@
 """The pipeline's flows: they only compose tasks (tasks/ -> maestro_core).
 
+    train_orchestrator(config_path=None, iterations=None, run_id=None, fresh=False, runner="local")
     evaluate_orchestrator(config_path=None, split="test", data=None, registry=None, out=None)
     collect_and_store(run_id, policy_spec, data=None, split="train", ..., runner="local" | "dask")
     retrain_on_registry_update(registry_path, version)     # started by `maestro.registry.updated`
@@ -17,8 +18,9 @@ from prefect import flow, get_run_logger
 
 from maestro_core.config import load_config
 from maestro_core.home import resolve_home
-from tasks import build_dataset, collect_rollouts, evaluate, load_shards, publish_registry, warm_up_experts
-from tasks.artifacts import publish_eval_artifacts
+from tasks import (build_dataset, collect_chunk, collect_rollouts, evaluate, finish_training, ingest_iteration,
+                   load_shards, open_training_run, publish_registry, rl_update, warm_up_experts)
+from tasks.artifacts import publish_eval_artifacts, publish_training_artifacts
 from tasks.dataset import load_items
 from tasks.registry import registry_version
 from maestro_core.rollouts import chunk_specs
@@ -46,6 +48,67 @@ def make_task_runner(runner: Runner = "local", *, max_workers: int | None = None
                               cluster_kwargs={"n_workers": dask_workers, "processes": True,
                                               "threads_per_worker": 1, "dashboard_address": None})
     raise ValueError(f"runner must be 'local' or 'dask', got {runner!r}")
+
+
+@flow(name="train-orchestrator", log_prints=True)
+def train_orchestrator(config_path: str | None = None, iterations: int | None = None, run_id: str | None = None,
+                       fresh: bool = False, home: str | None = None, registry: str | None = None,
+                       runner: Runner = "local", dask_address: str | None = None, dask_workers: int = 2,
+                       evaluate_test: bool = True, baselines: bool = False, out: str | None = None) -> dict[str, Any]:
+    """Dataset -> expert warm-up -> per iteration: rollout chunks (through the task runner) ->
+    ingest -> rl_update (-> checkpoint, validation) -> the best checkpoint evaluated on the test
+    split (with every baseline when `baselines`). Resumes the newest unfinished run with the
+    same config unless `run_id` or `fresh` says otherwise."""
+    from maestro_core.config import build
+    from maestro_core.experts import build_experts
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.store import Store
+    from maestro_core.suite import load_suite
+    from maestro_core.training import TrainConfig, choose_run, data_version
+
+    cfg = load_config(config_path)
+    home = home or cfg.home
+    registry_path = registry or cfg.registry
+    section = cfg.section("train")
+    if iterations is not None:
+        section["iterations"] = iterations
+    tcfg = build(TrainConfig, section, source=cfg.source, section="train")
+    dataset = build_dataset(cfg.section("suite") or None, home=home)
+    warm_up_experts(registry_path, home=home)
+    reg = load_registry(registry_path or DEFAULT_REGISTRY)
+    with Store(home) as store:
+        store.record_registry(reg)
+        suite = load_suite(store.home, dataset["version"], object_store=store.objects)
+        train = [it for it in suite if it.split == "train"]
+        val = [it for it in suite if it.split == "val"]
+        run_id, out_dir = choose_run(store, tcfg, run_id, fresh=fresh)
+        print(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
+              f"{tcfg.grpo.num_generations} episodes; outputs in {out_dir}")
+        run = open_training_run(reg, train, val, store=store, experts=build_experts(reg), config=tcfg,
+                                out_dir=out_dir, run_id=run_id, data_version=data_version(train + val),
+                                registry_path=registry_path)
+        for it in range(run.start, tcfg.iterations):
+            specs = run.chunk_specs(it)
+            if runner == "local":  # in this process: the run's experts and persistent cache
+                [collect_chunk(spec, run) for spec in specs]
+            else:
+                with make_task_runner(runner, dask_address=dask_address, dask_workers=dask_workers) as tr:
+                    [f.result() for f in tr.map(collect_chunk, {"spec": specs})]
+            ingest_iteration(run, it)
+            rl_update(run, it)
+        result = finish_training(run)
+    publish_training_artifacts(result, home=home)
+    metrics = None
+    if evaluate_test:
+        out = out or _default_out(home, f"train-{run_id}")
+        metrics = evaluate(out, registry_path=registry_path, home=home, split="test",
+                           checkpoint=result["best_checkpoint"] or "latest", baselines=baselines,
+                           config=cfg.section("eval"))
+        publish_eval_artifacts(metrics, out, home=home, key="maestro-train-eval")
+    return {"run_id": run_id, "out_dir": result["out_dir"], "best_checkpoint": result["best_checkpoint"],
+            "best_val_accuracy": result["best_val_accuracy"], "curve_png": result["curve_png"],
+            "eval_out": out if evaluate_test else None,
+            "test": {k: v["accuracy"] for k, v in metrics["systems"].items()} if metrics else None}
 
 
 @flow(name="evaluate-orchestrator", log_prints=True)

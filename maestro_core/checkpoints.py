@@ -217,5 +217,5 @@ def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0
     cfg = meta.get("config", {})
     model = load_policy_model(path)
     tok = load_policy_tokenizer(path)
-    return LMPolicy(model, tok, registry, temperature=temperature, **policy_kwargs(cfg),
+    return LMPolicy(model, tok, registry, temperature=temperature, **policy_kwargs(cfg, registry),
                     checkpoint_id=checkpoint_id or f"{meta.get('run_id', path.parent.name)}/{path.name}")

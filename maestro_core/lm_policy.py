@@ -54,6 +54,7 @@ class LMPolicy:
     def __init__(self, model, tokenizer, registry: Registry, *, temperature: float = 1.0, max_turn_tokens: int = 24,
                  constrained: bool = True, allow_think: bool = False, answer_candidates: bool = False,
                  forward_question: bool = False, free_input: bool = True, answer_on_last_turn: bool = False,
+                 actions: Sequence[str] | None = None,
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
                  seed: int = 0, threaded: bool = True, share_prefix: bool = True):
         if temperature < 0:
@@ -68,7 +69,11 @@ class LMPolicy:
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.eos_id
-        self.constraint = (ActionConstraint(tokenizer, registry.grammar().actions, max_tokens=max_turn_tokens,
+        self.actions = tuple(actions) if actions is not None else registry.grammar().actions
+        unknown = sorted(set(self.actions) - set(registry.grammar().actions))
+        if unknown:
+            raise ValueError(f"actions {unknown} are not in registry '{registry.name}'.")
+        self.constraint = (ActionConstraint(tokenizer, self.actions, max_tokens=max_turn_tokens,
                                             allow_think=allow_think, forward_question=forward_question,
                                             free_input=free_input)
                            if constrained else None)

@@ -45,6 +45,13 @@ class TrainConfig:
     call_input: str = field(default="question", metadata={
         "help": "'question': a call forwards the task's question (the policy routes; the CPU default, whose "
                 "~5M-parameter policy cannot write useful inputs); 'free': it may also write the input."})
+    actions: str = field(default="level1", metadata={
+        "help": "'level1': the policy picks EXPERT@@SKILL and the skill picks its solver (the paper's action "
+                "space; 13 actions on Maestro-Mini); 'all': level-2 EXPERT@@SKILL/SOLVER actions too."})
+    pretrain_steps: int = field(default=300, metadata={
+        "help": "Label-free language-model steps before RL on the train prompts (catalogue + question) each "
+                "followed by a copy of the question (no answers, routes or rewards), so the random-init policy's "
+                "action positions read the question; 0: off."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=50, metadata={"help": "Validation items scored at each evaluation."})
@@ -61,6 +68,10 @@ class TrainConfig:
         for name in ("iterations", "prompts_per_iteration", "max_turns", "eval_every", "val_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1.", field=name, fix=f"set {name} to a positive integer.")
+        if self.actions not in ("level1", "all"):
+            raise ConfigError(f"actions '{self.actions}' is unknown.", field="actions", fix="use 'level1' or 'all'.")
+        if self.pretrain_steps < 0:
+            raise ConfigError("pretrain_steps must be >= 0.", field="pretrain_steps", fix="use 0 to switch it off.")
         if self.call_input not in ("question", "free"):
             raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
                               fix="use 'question' or 'free'.")
@@ -94,15 +105,57 @@ def spread(items: Sequence[Item], n: int, *, seed: int = 0) -> list[Item]:
     return out
 
 
-def policy_kwargs(config: TrainConfig | dict) -> dict:
+def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
     """LMPolicy decoding settings of a training config (a TrainConfig or its stored dict)."""
     cfg = asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    actions = registry.grammar().actions
+    if cfg.get("actions", "all") == "level1":
+        actions = tuple(a for a in actions if "/" not in a)
     return dict(max_turn_tokens=int(cfg.get("max_turn_tokens", 24)), constrained=True, forward_question=True,
-                free_input=cfg.get("call_input", "free") == "free", answer_candidates=True, answer_on_last_turn=True)
+                free_input=cfg.get("call_input", "free") == "free", answer_candidates=True, answer_on_last_turn=True,
+                actions=actions)
 
 
-def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None):
-    """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config."""
+def pretrain_lm(model, tokenizer, texts: Sequence[str], *, steps: int, lr: float = 1e-3, batch_size: int = 16,
+                seed: int = 0) -> list[float]:
+    """Causal-LM steps on `texts` (rendered prompts followed by a copy of the user's message: no
+    answers, no routes, no rewards): the random-init policy learns the token statistics of its
+    inputs and attention from the assistant's positions to the question. Returns the loss per
+    step."""
+    import torch
+
+    if steps <= 0 or not texts:
+        return []
+    rng = random.Random(seed)
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = [enc[rng.randrange(len(enc))] for _ in range(batch_size)]
+        n = max(len(b) for b in batch)
+        ids = torch.full((len(batch), n), pad, dtype=torch.long)
+        att = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            ids[i, :len(b)] = torch.tensor(b)
+            att[i, :len(b)] = 1
+        labels = ids.masked_fill(att == 0, -100)
+        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None,
+                 messages: Sequence[Sequence[dict]] = ()):
+    """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
+    language-model pretrained for `config.pretrain_steps` steps on the first-turn prompts of
+    `messages` (system catalogue + user question, as the policy will read them)."""
     from maestro_core.lm_policy import LMPolicy
     from maestro_core.policy_model import build_tiny_model
     from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
@@ -110,8 +163,20 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
     tok = train_policy_tokenizer(policy_corpus(registry, texts), vocab_size=config.vocab_size,
                                  extra_tokens=policy_extra_tokens(registry))
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed)
+    if config.pretrain_steps and messages:
+        import torch
+        # the prompt, then the assistant turn repeating the user's message (a copy task): the
+        # positions where actions are sampled learn to read the question; no labels are used
+        prompts = [tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
+                   + m[-1]["content"] + tok.eos_token for m in messages]
+        state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)
+        try:
+            pretrain_lm(model, tok, prompts, steps=config.pretrain_steps, seed=config.seed)
+        finally:
+            torch.random.set_rng_state(state)
     policy = LMPolicy(model, tok, registry, temperature=config.temperature if temperature is None else temperature,
-                      seed=config.seed, checkpoint_id="init", **policy_kwargs(config))
+                      seed=config.seed, checkpoint_id="init", **policy_kwargs(config, registry))
     return model, tok, policy
 
 
@@ -131,7 +196,7 @@ def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config
 
     model.eval()
     greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, checkpoint_id="validation",
-                      **policy_kwargs(config))
+                      **policy_kwargs(config, registry))
     runner = EpisodeRunner(registry, experts, greedy, cache=cache, config=episode_config(config))
     trajs = asyncio.run(runner.run(list(items), run_id="validation"))
     n = max(1, len(trajs))
@@ -204,7 +269,10 @@ class TrainingRun:
             self.best = (best.val_accuracy, str(best.path or best.name)) if best else None
             log(f"resuming run {self.run_id} from {last.name} (iteration {self.start} of {config.iterations})")
         else:
-            self.model, self.tokenizer, _ = build_policy(registry, [it.question for it in train_items], config)
+            from maestro_core.episode import build_messages
+            self.model, self.tokenizer, _ = build_policy(
+                registry, [it.question for it in train_items], config,
+                messages=[build_messages(registry, it, compact=True) for it in train_items])
             self.start, self.checkpoints, self.best = 0, [], None
             save_checkpoint(self.model, self.tokenizer, self.out_dir / "ckpt-0",
                             {**self.meta_base, "iteration": 0, "metrics": {}, "curve": []}, objects=self.objects)
@@ -239,17 +307,21 @@ class TrainingRun:
                            policy_spec=spec, object_store=self.objects.uri(), registry_path=self.registry_path,
                            group_size=g, episode=episode, cost_lambdas=self.lambdas_for(it, len(items) * g))
 
-    def collect(self, it: int) -> list[dict]:
-        """Every chunk of the iteration in this process (with the run's persistent expert cache);
-        chunks that already have a shard are skipped."""
+    def collect_chunk(self, spec) -> dict:
+        """One chunk in this process, with the run's experts and persistent expert cache; skipped
+        when its shard exists. Its time adds to the iteration's collect_s."""
         from maestro_core.rollouts import run_chunk
 
         t0 = time.perf_counter()
-        out = [run_chunk(spec, cache=self.cache, registry=self.registry, experts=self.experts, skip_existing=True)
-               for spec in self.chunk_specs(it)]
+        out = run_chunk(spec, cache=self.cache, registry=self.registry, experts=self.experts, skip_existing=True)
         self.cache.flush()
-        self.timing.setdefault(it, {})["collect_s"] = time.perf_counter() - t0
+        t = self.timing.setdefault(spec.iteration, {})
+        t["collect_s"] = t.get("collect_s", 0.0) + time.perf_counter() - t0
         return out
+
+    def collect(self, it: int) -> list[dict]:
+        """Every chunk of the iteration in this process."""
+        return [self.collect_chunk(spec) for spec in self.chunk_specs(it)]
 
     def ingest(self, it: int) -> int:
         """Load the iteration's shards into DuckDB (the one writer); returns its episode count."""
@@ -312,6 +384,35 @@ class TrainingRun:
         self.store.set_run_status(self.run_id, "completed")
         return TrainResult(self.run_id, self.curve, self.checkpoints, self.best[1] if self.best else None,
                            self.best[0] if self.best else None)
+
+
+def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: bool = False,
+               out_dir: Path | None = None) -> tuple[str, Path]:
+    """The run to train and its folder. Resume by default: without `run_id`, the newest
+    unfinished training run with the same config goes on. `fresh`: a new run, or `run_id`'s
+    folder and stored checkpoints deleted first."""
+    import shutil
+
+    from maestro_core.checkpoints import PREFIX
+
+    if run_id is None and not fresh:
+        same = json.loads(json.dumps(asdict(config), default=str))
+        open_runs = [r for r in store.runs("train") if r["status"] != "completed"
+                     and (r.get("config") or {}).get("config") == same]
+        run_id = open_runs[-1]["run_id"] if open_runs else None
+    run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out_dir) if out_dir else store.home / "runs" / run_id
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        for key in store.objects.list(f"{PREFIX}/{run_id}/"):
+            store.objects.delete(key)
+    return run_id, out
+
+
+def data_version(items: Sequence[Item]) -> str:
+    """A content id of the items a run trains and validates on (their ids)."""
+    import hashlib
+    return hashlib.sha256("\n".join(sorted(it.id for it in items)).encode()).hexdigest()[:16]
 
 
 def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store, experts,

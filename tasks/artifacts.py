@@ -39,3 +39,21 @@ def publish_eval_artifacts(metrics: dict[str, Any], out: str, home: str | None =
     md = f"{report}\n## Outputs\n\n- folder: `{out}`\n\n## Trajectory shards ({len(shards)})\n\n{links}\n"
     md_id = create_markdown_artifact(md, key=f"{key}-report", description="report.md")
     return {"table": str(table_id), "markdown": str(md_id), "shards": [uri for _, uri in shards]}
+
+
+@task(name="publish_training_artifacts")
+def publish_training_artifacts(result: dict[str, Any], home: str | None = None, object_store: str | None = None,
+                               key: str = "maestro-train") -> dict[str, Any]:
+    """A table artifact of the training curve (one row per iteration) and a markdown artifact
+    with the checkpoints, the curve plot and the trajectory shards."""
+    cols = ("iteration", "mean_reward", "accuracy", "calls_per_task", "cost_per_task", "loss", "val_accuracy")
+    rows = [{c: (round(r[c], 4) if isinstance(r.get(c), float) else r.get(c)) for c in cols} for r in result["curve"]]
+    table_id = create_table_artifact(rows, key=f"{key}-curve", description=f"training run {result['run_id']}")
+    shards = shard_links(result["run_id"], home, object_store)
+    ckpts = "\n".join(f"- `{c}`" for c in result["checkpoints"]) or "- (none validated)"
+    md = (f"# Training run {result['run_id']}\n\n- folder: `{result['out_dir']}`\n- curves: `{result['curve_png']}`\n"
+          f"- best checkpoint (validation): `{result['best_checkpoint']}` "
+          f"(accuracy {result['best_val_accuracy']})\n\n## Checkpoints\n\n{ckpts}\n\n"
+          f"## Trajectory shards ({len(shards)})\n\n" + ("\n".join(f"- [{k}]({u})" for k, u in shards) or "- (none)"))
+    md_id = create_markdown_artifact(md, key=f"{key}-report", description="training run")
+    return {"table": str(table_id), "markdown": str(md_id)}
