@@ -49,9 +49,9 @@ class TrainConfig:
         "help": "'level1': the policy picks EXPERT@@SKILL and the skill picks its solver (the paper's action "
                 "space; 13 actions on Maestro-Mini); 'all': level-2 EXPERT@@SKILL/SOLVER actions too."})
     pretrain_steps: int = field(default=300, metadata={
-        "help": "Label-free language-model steps before RL on the train prompts (catalogue + question) each "
-                "followed by a copy of the question (no answers, routes or rewards), so the random-init policy's "
-                "action positions read the question; 0: off."})
+        "help": "Label-free warm-up steps before RL (pretrain_reader: the first action's position predicts "
+                "the question's words; no answers, routes or rewards), so the random-init policy reads its "
+                "question; 0: off."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=50, metadata={"help": "Validation items scored at each evaluation."})
@@ -116,31 +116,39 @@ def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
                 actions=actions)
 
 
-def pretrain_lm(model, tokenizer, texts: Sequence[str], *, steps: int, lr: float = 1e-3, batch_size: int = 16,
-                seed: int = 0) -> list[float]:
-    """Causal-LM steps on `texts` (rendered prompts followed by a copy of the user's message: no
-    answers, no routes, no rewards): the random-init policy learns the token statistics of its
-    inputs and attention from the assistant's positions to the question. Returns the loss per
-    step."""
+def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, steps: int, lr: float = 1e-3,
+                    batch_size: int = 16, seed: int = 0) -> list[float]:
+    """Label-free warm-up of a random-init policy: for (rendered prompt, user message) pairs,
+    the position where the first action is sampled (right after the prompt and the `<call>`
+    opener) is trained to predict a random token of the user's message (a bag-of-words
+    objective). No answers, routes or rewards are involved: it makes that position's state
+    carry what the question says, which RL then maps to actions. Returns the loss per step."""
     import torch
 
-    if steps <= 0 or not texts:
+    if steps <= 0 or not examples:
         return []
     rng = random.Random(seed)
-    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    opener = tokenizer("<call>", add_special_tokens=False)["input_ids"]
+    enc = [(tokenizer(p, add_special_tokens=False)["input_ids"] + opener, tokenizer(q, add_special_tokens=False)["input_ids"])
+           for p, q in examples]
+    enc = [(p, q) for p, q in enc if q]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
     model.train()
     for _ in range(steps):
-        batch = [enc[rng.randrange(len(enc))] for _ in range(batch_size)]
+        batch = []
+        for _ in range(batch_size):
+            p, q = enc[rng.randrange(len(enc))]
+            batch.append(p + [q[rng.randrange(len(q))]])
         n = max(len(b) for b in batch)
         ids = torch.full((len(batch), n), pad, dtype=torch.long)
         att = torch.zeros((len(batch), n), dtype=torch.long)
+        labels = torch.full((len(batch), n), -100, dtype=torch.long)
         for i, b in enumerate(batch):
             ids[i, :len(b)] = torch.tensor(b)
             att[i, :len(b)] = 1
-        labels = ids.masked_fill(att == 0, -100)
+            labels[i, len(b) - 1] = b[-1]
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -154,7 +162,7 @@ def pretrain_lm(model, tokenizer, texts: Sequence[str], *, steps: int, lr: float
 def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None,
                  messages: Sequence[Sequence[dict]] = ()):
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
-    language-model pretrained for `config.pretrain_steps` steps on the first-turn prompts of
+    warmed up for `config.pretrain_steps` steps (pretrain_reader) on the first-turn prompts of
     `messages` (system catalogue + user question, as the policy will read them)."""
     from maestro_core.lm_policy import LMPolicy
     from maestro_core.policy_model import build_tiny_model
@@ -165,14 +173,12 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed)
     if config.pretrain_steps and messages:
         import torch
-        # the prompt, then the assistant turn repeating the user's message (a copy task): the
-        # positions where actions are sampled learn to read the question; no labels are used
-        prompts = [tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
-                   + m[-1]["content"] + tok.eos_token for m in messages]
+        examples = [(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True), m[-1]["content"])
+                    for m in messages]
         state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
-            pretrain_lm(model, tok, prompts, steps=config.pretrain_steps, seed=config.seed)
+            pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed)
         finally:
             torch.random.set_rng_state(state)
     policy = LMPolicy(model, tok, registry, temperature=config.temperature if temperature is None else temperature,
