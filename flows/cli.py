@@ -2,6 +2,9 @@
 
     maestro registry validate FILE     check a registry; exit non-zero with the entry, field and fix
     maestro registry publish FILE      record a new registry version; emit maestro.registry.updated
+                                       (publishing an older file again retrains on it: a rollback)
+    maestro registry diff A B          what changed between two registry files or recorded versions
+    maestro runs [--kind K]            runs with their status, checkpoints and results
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
     maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
@@ -46,6 +49,71 @@ def _publish(args) -> int:
     state = "published new version" if res["new"] else "already published"
     print(f"{args.file}: {state} {res['version']} of '{res['name']}'")
     print(f"emitted maestro.registry.updated for maestro.registry.{res['name']} (event {res['event_id']})")
+    return 0
+
+
+def _registry_ref(ref: str, store):
+    """A registry file, or a recorded version (or a unique prefix of one) from the store."""
+    from pathlib import Path
+
+    from maestro_core.registry import load_registry
+    if Path(ref).is_file():
+        return load_registry(ref)
+    hits = [r["version"] for r in store.registries() if r["version"].startswith(ref)]
+    if len(hits) != 1:
+        known = ", ".join(r["version"] for r in store.registries()) or "none recorded"
+        raise ConfigError(f"'{ref}' is neither a registry file nor {'a unique' if hits else 'a'} recorded version "
+                          f"({known}).", field="registry", fix="pass a file path or a version from `maestro runs`.")
+    return store.registry_content(hits[0])
+
+
+def _diff(args) -> int:
+    from maestro_core.registry import diff_registries
+    from maestro_core.store import Store
+    with Store(args.home) as store:
+        a, b = _registry_ref(args.a, store), _registry_ref(args.b, store)
+    lines = diff_registries(a, b)
+    print("\n".join(lines) if lines else "no differences")
+    return 0
+
+
+def _runs(args) -> int:
+    """Every run of the store with its status, registry version, checkpoints and results."""
+    import datetime
+
+    from maestro_core.checkpoints import list_checkpoints
+    from maestro_core.store import Store
+    with Store(args.home) as store:
+        runs = store.runs(args.kind)
+        ckpts = list_checkpoints(store.home, store.objects)
+        evals = store.query("SELECT run_id, system, metrics FROM eval_results") if runs else None
+        regs = store.registries()
+    if not runs:
+        print("no runs yet")
+        return 0
+    by_run: dict[str, list] = {}
+    for c in ckpts:
+        by_run.setdefault(c.run_id, []).append(c)
+    res: dict[str, list] = {}
+    if evals is not None:
+        import json
+        for row in evals.to_pylist():
+            m = json.loads(row["metrics"]) if isinstance(row["metrics"], str) else row["metrics"]
+            res.setdefault(row["run_id"], []).append((row["system"], m.get("accuracy")))
+    print(f"{'run':34} {'kind':8} {'status':10} {'registry':17} {'created':17} details")
+    for r in runs:
+        when = datetime.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M")
+        extra = []
+        if r["run_id"] in by_run:
+            cs = sorted(by_run[r["run_id"]], key=lambda c: c.iteration)
+            extra.append("checkpoints " + ", ".join(
+                c.name + (f" (val {c.val_accuracy:.3f})" if c.val_accuracy is not None else "") for c in cs))
+        if r["run_id"] in res:
+            top = sorted(res[r["run_id"]], key=lambda x: -(x[1] or 0))[:4]
+            extra.append("results " + ", ".join(f"{s} {a:.3f}" for s, a in top if a is not None))
+        print(f"{r['run_id']:34} {r['kind']:8} {r['status']:10} {str(r['registry_version'])[:16]:17} {when:17} "
+              + "; ".join(extra))
+    print("registry versions: " + ", ".join(f"{g['version']} ({g['name']})" for g in regs))
     return 0
 
 
@@ -217,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     pub = regsub.add_parser("publish", help="record a new registry version")
     pub.add_argument("file")
     pub.set_defaults(func=_publish)
+    dif = regsub.add_parser("diff", help="what changed between two registry files or recorded versions")
+    dif.add_argument("a")
+    dif.add_argument("b")
+    dif.set_defaults(func=_diff)
+
+    rn = sub.add_parser("runs", help="list runs with their checkpoints and results")
+    rn.add_argument("--kind", default=None, help="train | eval | collect ... (default all)")
+    rn.set_defaults(func=_runs)
 
     b = sub.add_parser("build-dataset", help="build the Maestro-Mini benchmark suite")
     b.add_argument("--config", default=None, help="YAML config (section 'suite')")

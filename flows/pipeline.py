@@ -3,7 +3,7 @@
     train_orchestrator(config_path=None, iterations=None, run_id=None, fresh=False, runner="local")
     evaluate_orchestrator(config_path=None, split="test", data=None, registry=None, out=None)
     collect_and_store(run_id, policy_spec, data=None, split="train", ..., runner="local" | "dask")
-    retrain_on_registry_update(registry_path, version)     # started by `maestro.registry.updated`
+    retrain_on_registry_update(registry_path, version)     # started by `maestro.registry.updated` (trains)
     publish_registry_flow(path)                             # `maestro registry publish FILE`
 
 Deployments: infra/prefect.yaml.
@@ -81,7 +81,7 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
         suite = load_suite(store.home, dataset["version"], object_store=store.objects)
         train = [it for it in suite if it.split == "train"]
         val = [it for it in suite if it.split == "val"]
-        run_id, out_dir = choose_run(store, tcfg, run_id, fresh=fresh)
+        run_id, out_dir = choose_run(store, tcfg, run_id, fresh=fresh, registry_version=reg.version)
         print(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
               f"{tcfg.grpo.num_generations} episodes; outputs in {out_dir}")
         run = open_training_run(reg, train, val, store=store, experts=build_experts(reg), config=tcfg,
@@ -148,36 +148,23 @@ def collect_and_store(policy_spec: dict[str, Any], run_id: str | None = None, it
             "shards": loaded["uris"]}
 
 
-def rl_training_hook(registry_path: str, home: str | None, baseline_metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """WHERE THE RL LOOP PLUGS IN (not wired yet): collect_and_store with the learned policy
-    spec {"kind": "learned", "checkpoint": ...} -> rl_update (maestro_core.grpo) -> checkpoint
-    k+1 -> evaluate, per iteration. Until then it trains nothing and says so."""
-    get_run_logger().warning("RL training is not wired into the pipeline yet: no policy was trained "
-                             "(baselines evaluated only).")
-    return None
-
-
 @flow(name="retrain-on-registry-update", log_prints=True)
-def retrain_on_registry_update(registry_path: str, version: str = "", data: str | None = None,
-                               config_path: str | None = None, home: str | None = None,
-                               out: str | None = None) -> dict[str, Any]:
-    """Started by `maestro.registry.updated` (and nightly): build the dataset, warm up the
-    registry's experts, evaluate the baselines, then the RL hook."""
+def retrain_on_registry_update(registry_path: str, version: str = "", config_path: str | None = None,
+                               home: str | None = None, out: str | None = None,
+                               iterations: int | None = None) -> dict[str, Any]:
+    """Started by `maestro.registry.updated` (and nightly): train a policy for the registry as
+    it is now (train-orchestrator as a subflow: dataset, warm-up, GRPO, then the test split
+    with every baseline beside the policy). A new registry version starts a new run; a rerun
+    of the same version resumes its run."""
     logger = get_run_logger()
-    cfg = load_config(config_path)
-    home = home or cfg.home
     current = registry_version(registry_path)
     if version and version != current:
         logger.warning(f"{registry_path} is now version {current}, not {version} (changed since the event); "
                        f"using {current}")
-    dataset = None if data else build_dataset(cfg.section("suite") or None, home=home)
-    warm_up_experts(registry_path, home=home)
-    out = out or _default_out(home, f"retrain-{current}")
-    metrics = evaluate(out, registry_path=registry_path, home=home, split="test", data=data or None,
-                       checkpoint="none", baselines=True, config=cfg.section("eval"))
-    publish_eval_artifacts(metrics, out, home=home, key="maestro-retrain-eval")
-    training = rl_training_hook(registry_path, home, metrics)
-    return {"registry_version": current, "dataset": dataset, "out": out, "training": training}
+    res = train_orchestrator(config_path=config_path, iterations=iterations, home=home, registry=registry_path,
+                             baselines=True, out=out or _default_out(home or load_config(config_path).home,
+                                                                     f"retrain-{current}"))
+    return {"registry_version": current, **res}
 
 
 @flow(name="publish-registry")

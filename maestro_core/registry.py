@@ -531,3 +531,39 @@ def _normalised(reg: Registry) -> dict:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def diff_registries(a: Registry | Mapping, b: Registry | Mapping) -> list[str]:
+    """What changed from `a` to `b` (Registries or their `to_dict()`), one line per change:
+    experts, skills and capabilities added/removed, changed fields (old -> new), and the
+    expert@@skill actions the policy gains or loses. Empty when equal."""
+    da = a.to_dict() if isinstance(a, Registry) else dict(a)
+    db = b.to_dict() if isinstance(b, Registry) else dict(b)
+    lines: list[str] = []
+    for section, noun in (("capabilities", "capability"), ("experts", "expert"), ("skills", "skill")):
+        sa, sb = da.get(section, {}), db.get(section, {})
+        for name in sorted(set(sa) - set(sb)):
+            lines.append(f"- {noun} {name} removed")
+        for name in sorted(set(sb) - set(sa)):
+            lines.append(f"+ {noun} {name} added")
+        for name in sorted(set(sa) & set(sb)):
+            fa, fb = _flat(sa[name]), _flat(sb[name])
+            for key in sorted(set(fa) | set(fb)):
+                if fa.get(key) != fb.get(key):
+                    lines.append(f"~ {noun} {name}: {key} {fa.get(key)!r} -> {fb.get(key)!r}")
+    for key in ("name", "description"):
+        if da.get(key) != db.get(key):
+            lines.append(f"~ registry {key}: {da.get(key)!r} -> {db.get(key)!r}")
+    if isinstance(a, Registry) and isinstance(b, Registry):
+        ga, gb = set(a.grammar().actions), set(b.grammar().actions)
+        lines += [f"- action {x}" for x in sorted(ga - gb)] + [f"+ action {x}" for x in sorted(gb - ga)]
+    return lines

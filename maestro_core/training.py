@@ -393,10 +393,10 @@ class TrainingRun:
 
 
 def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: bool = False,
-               out_dir: Path | None = None) -> tuple[str, Path]:
+               out_dir: Path | None = None, registry_version: str | None = None) -> tuple[str, Path]:
     """The run to train and its folder. Resume by default: without `run_id`, the newest
-    unfinished training run with the same config goes on. `fresh`: a new run, or `run_id`'s
-    folder and stored checkpoints deleted first."""
+    unfinished training run with the same config (and registry version, when given) goes on.
+    `fresh`: a new run, or `run_id`'s folder and stored checkpoints deleted first."""
     import shutil
 
     from maestro_core.checkpoints import PREFIX
@@ -404,7 +404,8 @@ def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: 
     if run_id is None and not fresh:
         same = json.loads(json.dumps(asdict(config), default=str))
         open_runs = [r for r in store.runs("train") if r["status"] != "completed"
-                     and (r.get("config") or {}).get("config") == same]
+                     and (r.get("config") or {}).get("config") == same
+                     and (registry_version is None or r.get("registry_version") == registry_version)]
         run_id = open_runs[-1]["run_id"] if open_runs else None
     run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out_dir) if out_dir else store.home / "runs" / run_id

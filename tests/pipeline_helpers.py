@@ -40,3 +40,19 @@ def write_registry(path: Path, **kw) -> Path:
 def write_items(path: Path, n: int = 3) -> Path:
     path.write_text("".join(json.dumps(it) + "\n" for it in ITEMS[:n]))
     return path
+
+
+def write_train_config(path: Path, registry: Path, *, iterations: int = 3, items_per_iteration: int = 4,
+                       group: int = 4) -> Path:
+    """A tiny training config: the math benchmark only (6 train items), a 64-wide policy, one
+    item per rollout chunk."""
+    cfg = {
+        "registry": str(registry),
+        "suite": {"train_per_benchmark": 6, "val_per_benchmark": 2, "test_per_benchmark": 2, "benchmarks": ["math"]},
+        "train": {"iterations": iterations, "prompts_per_iteration": items_per_iteration, "chunk_size": 1,
+                  "hidden": 64, "layers": 2, "heads": 2, "vocab_size": 512, "eval_every": 2, "val_items": 2,
+                  "max_turns": 2, "pretrain_steps": 5,
+                  "grpo": {"num_generations": group, "per_device_train_batch_size": 16, "learning_rate": 0.001}},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path

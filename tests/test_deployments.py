@@ -19,7 +19,7 @@ import pytest
 
 from maestro_core.registry import load_registry
 from maestro_core.store import Store
-from tests.pipeline_helpers import write_items, write_registry
+from tests.pipeline_helpers import write_train_config, write_items, write_registry
 from tests.store_helpers import free_port
 
 pytestmark = pytest.mark.slow
@@ -110,6 +110,19 @@ def test_deploy_run_and_registry_event_trigger(tmp_path):
             eval_runs = [x["run_id"] for x in st.runs("eval")]
             assert len(eval_runs) == 1 and st.run(eval_runs[0])["status"] == "completed"
             assert st.count_episodes(eval_runs[0]) >= 3  # trajectories are in the store
+
+        # the training deployment on a tiny configuration, through `prefect deployment run`
+        cfg = write_train_config(tmp_path / "train.yaml", registry, iterations=2)
+        t0 = time.monotonic()
+        r = _run([str(BIN / "prefect"), "deployment", "run", "train-orchestrator/train",
+                  "--param", f"config_path={cfg}", "--watch"], env, timeout=400)
+        assert r.returncode == 0, r.stdout + r.stderr + (tmp_path / "worker.log").read_text()[-4000:]
+        print(f"train deployment run: {time.monotonic() - t0:.1f} s")
+        assert [fr["state"]["type"] for fr in _flow_runs(api, "train-orchestrator", "train")] == ["COMPLETED"]
+        with Store(home) as st:
+            train_runs = st.runs("train")
+            assert len(train_runs) == 1 and train_runs[0]["status"] == "completed"
+            assert st.count_episodes(train_runs[0]["run_id"]) == 2 * 4 * 4  # the trajectories exist
 
         # a changed registry -> new version -> the event starts the triggered deployment
         changed = write_registry(tmp_path / "tiny-v2.yaml", description="exact arithmetic, v2")

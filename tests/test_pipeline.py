@@ -221,15 +221,25 @@ def test_warm_up_fails_fast_naming_the_expert(tmp_path):
         assert c.read_task_run(task_run_id).run_count == 1  # not retried
 
 
-def test_retrain_flow_runs_the_stages_and_trains_nothing_yet(tiny, tmp_path):
+@pytest.mark.slow
+def test_retrain_flow_trains_a_policy_for_the_registry(tiny, tmp_path):
+    import json
+    from pathlib import Path
+
     from flows.pipeline import retrain_on_registry_update
+    from tests.pipeline_helpers import write_train_config
     version = load_registry(tiny["registry"]).version
-    res = retrain_on_registry_update(tiny["registry"], version, data=tiny["data"], home=tiny["home"],
+    cfg = write_train_config(tmp_path / "train.yaml", Path(tiny["registry"]), iterations=2)
+    res = retrain_on_registry_update(tiny["registry"], version, config_path=str(cfg), home=tiny["home"],
                                      out=str(tmp_path / "retrain"))
-    assert res["registry_version"] == version and res["training"] is None and res["dataset"] is None
-    assert (tmp_path / "retrain" / "metrics.json").is_file()
+    assert res["registry_version"] == version and res["best_checkpoint"]
+    m = json.loads((tmp_path / "retrain" / "metrics.json").read_text())
+    assert {"policy", "policy_untrained", "oracle", "random"} <= set(m["systems"])  # policy beside the baselines
     with Store(tiny["home"]) as st:
         assert set(st.expert_stats(version)) == {"calc", "counter"}  # warmed up
+        run = st.runs("train")[-1]
+        assert run["status"] == "completed" and run["registry_version"] == version
+        assert st.count_episodes(run["run_id"]) == 2 * 4 * 4
 
 
 def test_cli_publish_and_collect(tiny, capsys):

@@ -93,3 +93,30 @@ def test_cli_validate_exit_codes(tmp_path, registry_dict):
     res = subprocess.run([*maestro, "registry", "validate", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0
     assert "entry 'experts[2] llm'" in res.stderr and "field 'backend.base_url'" in res.stderr
+
+
+def test_registry_diff_files_and_recorded_versions(tmp_path, registry_dict):
+    import copy
+
+    from maestro_core.registry import diff_registries
+    from maestro_core.store import Store
+    a = parse_registry(registry_dict)
+    changed = copy.deepcopy(registry_dict)
+    changed["experts"][0]["price"] = {"per_call": 0.005}
+    changed["experts"] = [e for e in changed["experts"] if e["name"] != "counter"]
+    changed["skills"] = [s for s in changed["skills"] if s["name"] != "text"]
+    b = parse_registry(changed)
+    lines = diff_registries(a, b)
+    assert "- expert counter removed" in lines and "- skill text removed" in lines
+    assert "~ expert calc: price.per_call 0.001 -> 0.005" in lines and "- action counter@@text" in lines
+    assert diff_registries(a, a) == []
+    fa, fb = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    fa.write_text(yaml.safe_dump(registry_dict))
+    fb.write_text(yaml.safe_dump(changed))
+    with Store(tmp_path / "home") as store:
+        store.record_registry(a)
+    cmd = [sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "registry", "diff"]
+    out = subprocess.run(cmd + [a.version[:8], str(fb)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "- expert counter removed" in out.stdout, out.stderr
+    bad = subprocess.run(cmd + ["nope", str(fb)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "Fix:" in bad.stderr

@@ -13,28 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-
 from maestro_core.store import Store
-from tests.pipeline_helpers import write_registry
+from tests.pipeline_helpers import write_registry, write_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS, ITEMS_PER_IT, GROUP = 3, 4, 4
 
 
 def _config(tmp_path: Path, iterations: int = ITERATIONS) -> Path:
-    reg = write_registry(tmp_path / "tiny.yaml")
-    cfg = {
-        "registry": str(reg),
-        "suite": {"train_per_benchmark": 6, "val_per_benchmark": 2, "test_per_benchmark": 2, "benchmarks": ["math"]},
-        "train": {"iterations": iterations, "prompts_per_iteration": ITEMS_PER_IT, "chunk_size": 1, "hidden": 64,
-                  "layers": 2, "heads": 2, "vocab_size": 512, "eval_every": 2, "val_items": 2, "max_turns": 2,
-                  "pretrain_steps": 5,
-                  "grpo": {"num_generations": GROUP, "per_device_train_batch_size": 16, "learning_rate": 0.001}},
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_train_config(tmp_path / "train.yaml", write_registry(tmp_path / "tiny.yaml"), iterations=iterations,
+                              items_per_iteration=ITEMS_PER_IT, group=GROUP)
 
 
 def _env(tmp_path: Path) -> dict:
@@ -75,6 +63,12 @@ def test_maestro_train_runs_the_flow_and_evaluates(tmp_path):
     m = json.loads(evals[-1].read_text())
     assert {"policy", "policy_untrained"} <= set(m["systems"]) and m["split"] == "test"
     assert (evals[-1].parent / "pareto.png").exists()
+    listing = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "runs"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    line = next(x for x in listing.stdout.splitlines() if x.startswith(runs[0]))
+    assert "completed" in line and "ckpt-2 (val" in line and "ckpt-3" in line
+    assert "policy" in next(x for x in listing.stdout.splitlines() if x.startswith(m["run_id"]))
 
 
 @pytest.mark.slow
