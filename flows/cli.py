@@ -5,6 +5,7 @@
                                        (publishing an older file again retrains on it: a rollback)
     maestro registry diff A B          what changed between two registry files or recorded versions
     maestro runs [--kind K]            runs with their status, checkpoints and results
+    maestro ask "QUESTION" [--image F] [--checkpoint best]   one question: the answer, its route and costs
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
     maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
@@ -114,6 +115,14 @@ def _runs(args) -> int:
         print(f"{r['run_id']:34} {r['kind']:8} {r['status']:10} {str(r['registry_version'])[:16]:17} {when:17} "
               + "; ".join(extra))
     print("registry versions: " + ", ".join(f"{g['version']} ({g['name']})" for g in regs))
+    return 0
+
+
+def _ask(args) -> int:
+    from maestro_core.ask import ask, format_answer
+    res = ask(args.question, images=args.image or (), checkpoint=args.checkpoint, home=args.home,
+              registry_path=args.registry, cost_lambda=args.cost_lambda)
+    print(format_answer(res))
     return 0
 
 
@@ -289,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("a")
     dif.add_argument("b")
     dif.set_defaults(func=_diff)
+
+    ak = sub.add_parser("ask", help="run the trained orchestrator on one question; print the answer and route")
+    ak.add_argument("question")
+    ak.add_argument("--image", action="append", help="an image file (repeat for several)")
+    ak.add_argument("--checkpoint", default="best", help="best | latest | RUN_ID/ckpt-N | DIR (default best)")
+    ak.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
+    ak.add_argument("--cost-lambda", type=float, default=None, help="cost weight shown to the policy")
+    ak.set_defaults(func=_ask)
 
     rn = sub.add_parser("runs", help="list runs with their checkpoints and results")
     rn.add_argument("--kind", default=None, help="train | eval | collect ... (default all)")

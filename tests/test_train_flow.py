@@ -69,6 +69,15 @@ def test_maestro_train_runs_the_flow_and_evaluates(tmp_path):
     line = next(x for x in listing.stdout.splitlines() if x.startswith(runs[0]))
     assert "completed" in line and "ckpt-2 (val" in line and "ckpt-3" in line
     assert "policy" in next(x for x in listing.stdout.splitlines() if x.startswith(m["run_id"]))
+    # one question of the user's through the trained orchestrator, then its trace
+    cmd = [sys.executable, "-m", "flows.cli", "--home", str(home)]
+    asked = subprocess.run(cmd + ["ask", "What is 17 * 23?", "--registry", str(tmp_path / "tiny.yaml"),
+                                  "--checkpoint", "best"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert asked.returncode == 0, asked.stderr
+    assert "route:" in asked.stdout and "total: $" in asked.stdout
+    episode = asked.stdout.split("maestro trace ")[1].split()[0]
+    traced = subprocess.run(cmd + ["trace", episode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert traced.returncode == 0 and episode in traced.stdout, traced.stderr
 
 
 @pytest.mark.slow
