@@ -14,7 +14,7 @@
     maestro train [--config C] [--iterations N] [--run-id R | --fresh] [--baselines] [--direct]
                                        GRPO training of the policy (the train-orchestrator flow on
                                        Prefect's ephemeral API), then the test-split evaluation
-    maestro demo                       the main job: build the suite, warm up, evaluate baselines
+    maestro demo                       the main job: maestro train --baselines on the embedded default
     maestro trace EPISODE_ID [--home DIR] [--full]
                                        one stored episode turn by turn: calls, observations, costs, reward
 
@@ -261,18 +261,19 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    """The main job on the embedded default, until training lands: build the suite, warm up
-    every expert, evaluate every baseline on the test split."""
+    """The main job on the embedded default: `maestro train --baselines` (the train-orchestrator
+    flow: suite, warm-up, GRPO training, then the trained policy beside the untrained one and
+    every baseline on the test split, with plots)."""
     import time
 
     from maestro_core.home import resolve_home
     home = resolve_home(args.home)  # resolve once, so every stage uses the same home
     print(f"Maestro demo on the embedded default (home {home})")
-    args.home, args.registry = str(home), None
-    _warm_up(args)
-    out = args.out or str(home / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    args.config, args.checkpoint, args.baselines, args.split, args.data, args.out = None, "none", True, "test", None, out
-    return _eval(args)
+    args.home = str(home)
+    args.out = args.out or str(home / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.config, args.iterations, args.run_id, args.fresh, args.direct = None, None, None, False, False
+    args.runner, args.dask_address, args.baselines, args.no_eval = "local", None, True, False
+    return _train(args)
 
 
 def _trace(args) -> int:
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="test evaluation folder (default: HOME/reports/train-RUN_ID-<time>)")
     t.set_defaults(func=_train)
 
-    d = sub.add_parser("demo", help="the main job on the embedded default: suite, warm-up, baselines")
+    d = sub.add_parser("demo", help="the main job on the embedded default: train, then policy + baselines on test")
     d.add_argument("--out", default=None, help="output folder (default: HOME/reports/demo-<time>)")
     d.set_defaults(func=_demo)
 

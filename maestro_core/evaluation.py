@@ -321,7 +321,10 @@ async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], 
 
     t0 = time.perf_counter()
     policy = load_checkpoint_policy(path, registry, temperature=0.0)
-    runner = EpisodeRunner(registry, experts, policy, cache=cache, config=checkpoint_episode_config(read_meta(path)))
+    meta = read_meta(path)
+    if cost_lambda is None and float(meta.get("config", {}).get("cost_lambda_max", 0) or 0) > 0:
+        cost_lambda = 0.0  # trained with a cost weight in every prompt: show it, at 0 by default
+    runner = EpisodeRunner(registry, experts, policy, cache=cache, config=checkpoint_episode_config(meta))
     trajs = await runner.run(list(items), run_id=run_id, iteration=iteration, cost_lambda=cost_lambda)
     if progress:
         acc = sum(t.outcome for t in trajs) / max(1, len(trajs))

@@ -133,10 +133,11 @@ class GRPOSettings:
 
     @classmethod
     def cpu_profile(cls, **overrides: Any) -> "GRPOSettings":
-        """For a ~5M-parameter policy on 2 CPU cores: a large LR (the paper's 1e-6 would not move a
-        random-init toy model in a CPU budget), small groups and micro-batches."""
-        base = dict(num_generations=8, learning_rate=3e-3, per_device_train_batch_size=16,
-                    max_completion_length=512, bf16=False, gradient_checkpointing=False)
+        """For the embedded default (a ~0.6M-parameter Llama from a config) on 2 CPU cores: a large
+        LR (the paper's 1e-6 would not move a random-init model in a CPU budget), two passes over
+        each collected batch (mu = 2, clipped), micro-batches of 32 episodes."""
+        base = dict(num_generations=8, learning_rate=2e-3, per_device_train_batch_size=32, num_iterations=2,
+                    max_turns=2, max_completion_length=512, bf16=False, gradient_checkpointing=False)
         base.update(overrides)
         return cls(**base)
 

@@ -36,10 +36,11 @@ from maestro_core.trajectory import Trajectory
 class TrainConfig:
     iterations: int = field(default=40, metadata={"help": "GRPO iterations (one collect + one update each)."})
     prompts_per_iteration: int = field(default=16, metadata={"help": "Train items per iteration."})
-    max_turns: int = field(default=3, metadata={"help": "Policy turns per episode."})
+    max_turns: int = field(default=2, metadata={
+        "help": "Policy turns per episode (CPU default 2: one routed call, then the answer; the paper uses 4)."})
     max_turn_tokens: int = field(default=12, metadata={"help": "Tokens per policy turn (constrained decoding)."})
-    hidden: int = field(default=256, metadata={"help": "Policy model width (a Llama built from a config)."})
-    layers: int = field(default=4, metadata={"help": "Policy model layers."})
+    hidden: int = field(default=128, metadata={"help": "Policy model width (a Llama built from a config)."})
+    layers: int = field(default=2, metadata={"help": "Policy model layers."})
     heads: int = field(default=4, metadata={"help": "Attention heads."})
     vocab_size: int = field(default=2048, metadata={"help": "Policy tokenizer size (trained on the suite)."})
     call_input: str = field(default="question", metadata={
@@ -54,11 +55,11 @@ class TrainConfig:
                 "question; 0: off."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
-    val_items: int = field(default=50, metadata={"help": "Validation items scored at each evaluation."})
+    val_items: int = field(default=40, metadata={"help": "Validation items scored at each evaluation."})
     chunk_size: int = field(default=0, metadata={
         "help": "Items per rollout chunk (one task and one shard each); 0: the whole iteration in one chunk, "
                 "which batches the policy best on one machine."})
-    cost_lambda_max: float = field(default=0.0, metadata={
+    cost_lambda_max: float = field(default=0.3, metadata={
         "help": "Cost weight sampled uniformly in [0, max] per episode and shown in the prompt (0: off)."})
     cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
     seed: int = field(default=0, metadata={"help": "Seed of item sampling, model init and sampling."})

@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from prefect import task
+import contextlib
+import io
+import time
+
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS
 
 from maestro_core.config import build
@@ -20,8 +24,18 @@ def build_dataset(config: dict[str, Any] | None = None, home: str | None = None)
     """Build the suite of `config` (the 'suite' section as a dict; the defaults when None) into
     the store of `home`. Cached on its inputs; build_suite itself reuses a stored version."""
     suite_cfg = build(SuiteConfig, dict(config or {}), section="suite")
-    with Store(home) as store:
-        res = build_suite(suite_cfg, store.home, store.objects, store=store)
+    logger = get_run_logger()
+    last = [0.0]
+
+    def progress(done: int, total: int, what: str = "") -> None:  # a line every 5 s at most
+        if done == total or time.monotonic() - last[0] > 5:
+            last[0] = time.monotonic()
+            logger.info(f"building the suite: {what} {done}/{total}")
+
+    # `datasets` fingerprints tables with dill, which under Prefect's print capture dumps
+    # bytecode to stdout: the build reports through `progress`, so its stdout is dropped
+    with Store(home) as store, contextlib.redirect_stdout(io.StringIO()):
+        res = build_suite(suite_cfg, store.home, store.objects, store=store, progress=progress)
     return {"version": res.version, "counts": dict(res.counts), "location": res.location, "reused": res.reused}
 
 

@@ -27,6 +27,7 @@ ITEMS = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") fo
 
 def _cfg(iterations):
     return TrainConfig(iterations=iterations, prompts_per_iteration=2, hidden=64, layers=2, heads=2, vocab_size=512,
+                       pretrain_steps=5,
                        eval_every=1, val_items=2, max_turns=2,
                        grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
 

@@ -37,3 +37,33 @@ def test_validation_items_spread_over_benchmarks():
     picked = spread(items, 6, seed=1)
     assert sorted(it.benchmark for it in picked) == ["a", "a", "b", "b", "c", "c"]
     assert spread(items, 6, seed=1) == picked and len(spread(items, 99)) == 30
+
+
+def test_label_free_warm_up_makes_the_action_position_read_the_question():
+    """pretrain_reader: the state where the first action is sampled separates questions of
+    different kinds (no answers or routes used) far better than the random init does."""
+    import torch
+
+    from maestro_core.episode import build_messages
+    from maestro_core.training import build_policy
+
+    reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
+    items = ([Item(f"a{i}", "arith", f"What is {i} + {2 * i}?", "0", "numeric") for i in range(12)]
+             + [Item(f"w{i}", "words", f"How many words are in '{' '.join(['ab'] * (i + 2))}' here?", "0", "exact")
+                for i in range(12)])
+    msgs = [build_messages(reg, it, compact=True) for it in items]
+
+    def separation(steps):
+        cfg = TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=steps)
+        model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+        call = tok("<call>", add_special_tokens=False)["input_ids"]
+        hs = {}
+        for it, m in zip(items, msgs):
+            with torch.no_grad():
+                h = model(torch.tensor([list(pol.encode_prompt(m)) + call]), output_hidden_states=True)
+            hs.setdefault(it.benchmark, []).append(h.hidden_states[-1][0, -1])
+        c = {b: torch.stack(v).mean(0) for b, v in hs.items()}
+        within = sum(float((torch.stack(v) - c[b]).norm(dim=-1).mean()) for b, v in hs.items()) / 2
+        return float((c["arith"] - c["words"]).norm()) / within
+
+    assert separation(150) > 2 * separation(0)
