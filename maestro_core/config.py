@@ -61,16 +61,24 @@ def load_config(path: str | Path | None) -> RunConfig:
     return RunConfig(str(p), reg, raw.get("home"), {k: raw[k] for k in SECTIONS[2:] if raw.get(k)})
 
 
-def build(cls: type, values: dict[str, Any], *, source: str | None = None, section: str = "") -> Any:
-    """Make dataclass `cls` from a dict, checking names and simple types; __post_init__ validates the rest."""
+def build(cls: type, values: dict[str, Any], *, source: str | None = None, section: str = "",
+          base: Any = None) -> Any:
+    """Make dataclass `cls` from a dict, checking names and simple types; __post_init__ validates the rest.
+    A nested dataclass section overrides the field's own default (e.g. train.grpo on top of the
+    CPU profile), not the nested class's defaults; `base` is that default for this level."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    kw = {}
+    kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init} if base is not None else {}
     for k, v in values.items():
         if k not in fields:
             raise ConfigError(f"unknown field '{k}'.", source=source, entry=section or cls.__name__, field=k,
                               fix=f"use one of {sorted(fields)}.")
-        kw[k] = _coerce(v, hints[k], source, section, k)
+        f = fields[k]
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default if dataclasses.is_dataclass(f.default) else None)
+        if base is not None and dataclasses.is_dataclass(getattr(base, k, None)):
+            default = getattr(base, k)
+        kw[k] = _coerce(v, hints[k], source, section, k, default)
     try:
         return cls(**kw)
     except ConfigError:
@@ -79,10 +87,11 @@ def build(cls: type, values: dict[str, Any], *, source: str | None = None, secti
         raise ConfigError(str(e), source=source, entry=section or cls.__name__, fix="correct the value.") from e
 
 
-def _coerce(v: Any, hint: Any, source, section, key):
+def _coerce(v: Any, hint: Any, source, section, key, default: Any = None):
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint) and isinstance(v, dict):
-        return build(hint, v, source=source, section=f"{section}.{key}")
+        return build(hint, v, source=source, section=f"{section}.{key}",
+                     base=default if dataclasses.is_dataclass(default) else None)
     if origin is tuple and isinstance(v, list):
         return tuple(v)
     want = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(hint)

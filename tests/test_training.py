@@ -67,3 +67,12 @@ def test_label_free_warm_up_makes_the_action_position_read_the_question():
         return float((c["arith"] - c["words"]).norm()) / within
 
     assert separation(150) > 2 * separation(0)
+
+
+def test_a_partial_grpo_section_overrides_the_cpu_profile_not_the_paper_defaults():
+    from maestro_core.config import build
+    cfg = build(TrainConfig, {"iterations": 3, "grpo": {"scale_rewards": "none"}}, section="train")
+    cpu = GRPOSettings.cpu_profile()
+    assert cfg.grpo.scale_rewards == "none" and cfg.iterations == 3
+    assert cfg.grpo.learning_rate == cpu.learning_rate != GRPOSettings.paper().learning_rate
+    assert cfg.grpo.num_iterations == cpu.num_iterations
