@@ -205,7 +205,9 @@ def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config
     greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, checkpoint_id="validation",
                       **policy_kwargs(config, registry))
     runner = EpisodeRunner(registry, experts, greedy, cache=cache, config=episode_config(config))
-    trajs = asyncio.run(runner.run(list(items), run_id="validation"))
+    # trained with a cost weight in every prompt: validate with the weight shown, at 0
+    lam = 0.0 if config.cost_lambda_max else None
+    trajs = asyncio.run(runner.run(list(items), run_id="validation", cost_lambda=lam))
     n = max(1, len(trajs))
     return {"val_accuracy": sum(t.outcome for t in trajs) / n, "val_calls_per_task": sum(t.n_calls for t in trajs) / n,
             "val_cost_per_task": sum(t.total_cost for t in trajs) / n}
