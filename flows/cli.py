@@ -7,6 +7,7 @@
     maestro runs [--kind K]            runs with their status, checkpoints and results
     maestro ask "QUESTION" [--image F] [--checkpoint best]   one question: the answer, its route and costs
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
+    maestro build-dataset --heldout DIR  write the held-out generalisation set (JSONL for --data)
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
     maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
     maestro collect --policy SPEC [--data FILE] [--runner local|dask] ...
@@ -130,6 +131,13 @@ def _build_dataset(args) -> int:
     from maestro_core.config import build, load_config
     from maestro_core.store import Store
     from maestro_core.suite import SuiteConfig, build_suite
+    if args.heldout:
+        from pathlib import Path
+
+        from maestro_core.benchmarks.heldout import build_heldout
+        path = build_heldout(Path(args.heldout), n_per_benchmark=args.n, seed=args.seed)
+        print(f"wrote the held-out set: {path} (evaluate with maestro eval --data {path})")
+        return 0
     cfg = load_config(args.config)
     suite_cfg = build(SuiteConfig, cfg.section("suite"), source=cfg.source, section="suite")
     with Store(args.home or cfg.home) as store:
@@ -314,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build-dataset", help="build the Maestro-Mini benchmark suite")
     b.add_argument("--config", default=None, help="YAML config (section 'suite')")
+    b.add_argument("--heldout", default=None, metavar="DIR",
+                   help="instead, write the held-out generalisation set (other generators, tables, fonts, wordings) "
+                        "as DIR/heldout.jsonl")
+    b.add_argument("--n", type=int, default=20, help="held-out items per benchmark (default 20)")
+    b.add_argument("--seed", type=int, default=1000, help="held-out seed (default 1000)")
     b.set_defaults(func=_build_dataset)
 
     w = sub.add_parser("warm-up", help="load and probe every expert; record latency and cost")

@@ -135,9 +135,13 @@ class GRPOSettings:
     def cpu_profile(cls, **overrides: Any) -> "GRPOSettings":
         """For the embedded default (a ~0.6M-parameter Llama from a config) on 2 CPU cores: a large
         LR (the paper's 1e-6 would not move a random-init model in a CPU budget), two passes over
-        each collected batch (mu = 2, clipped), micro-batches of 32 episodes."""
+        each collected batch (mu = 2, clipped), micro-batches of 32 episodes, sampling at temperature
+        1.5 (exploration), advantages not divided by the group's std (with a cost term in the
+        reward, a group where every sample failed has a tiny std and the division turned cost
+        differences between wrong answers into full-size advantages)."""
         base = dict(num_generations=8, learning_rate=2e-3, per_device_train_batch_size=32, num_iterations=2,
-                    max_turns=2, max_completion_length=512, bf16=False, gradient_checkpointing=False)
+                    max_turns=2, temperature=1.5, scale_rewards="none", max_completion_length=512, bf16=False,
+                    gradient_checkpointing=False)
         base.update(overrides)
         return cls(**base)
 

@@ -34,7 +34,7 @@ from maestro_core.trajectory import Trajectory
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iterations: int = field(default=40, metadata={"help": "GRPO iterations (one collect + one update each)."})
+    iterations: int = field(default=60, metadata={"help": "GRPO iterations (one collect + one update each)."})
     prompts_per_iteration: int = field(default=16, metadata={"help": "Train items per iteration."})
     max_turns: int = field(default=2, metadata={
         "help": "Policy turns per episode (CPU default 2: one routed call, then the answer; the paper uses 4)."})
@@ -53,7 +53,9 @@ class TrainConfig:
         "help": "Label-free warm-up steps before RL (pretrain_reader: the first action's position predicts "
                 "the question's words; no answers, routes or rewards), so the random-init policy reads its "
                 "question; 0: off."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    temperature: float = field(default=1.5, metadata={
+        "help": "Sampling temperature of rollouts (= grpo.temperature). 1.5 on CPU: the routing of minority "
+                "benchmarks keeps being explored."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=40, metadata={"help": "Validation items scored at each evaluation."})
     chunk_size: int = field(default=0, metadata={
@@ -69,6 +71,10 @@ class TrainConfig:
         for name in ("iterations", "prompts_per_iteration", "max_turns", "eval_every", "val_items"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1.", field=name, fix=f"set {name} to a positive integer.")
+        if self.temperature != self.grpo.temperature:
+            raise ConfigError(f"temperature {self.temperature} differs from grpo.temperature {self.grpo.temperature}: "
+                              "TRL recomputes logprobs at grpo.temperature, so the sampler must use the same.",
+                              field="temperature", fix="set train.temperature and train.grpo.temperature equal.")
         if self.actions not in ("level1", "all"):
             raise ConfigError(f"actions '{self.actions}' is unknown.", field="actions", fix="use 'level1' or 'all'.")
         if self.pretrain_steps < 0:
