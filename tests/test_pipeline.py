@@ -182,21 +182,31 @@ def test_items_fixture_is_consistent():
     assert len({it["id"] for it in ITEMS}) == len(ITEMS)
 
 
-def test_build_dataset_is_cached_on_its_inputs(tmp_path):
+def test_build_dataset_is_cached_on_its_inputs_and_the_stores_content(tmp_path, monkeypatch):
+    import shutil
+
     from prefect import flow
     from tasks import build_dataset
     cfg = {"benchmarks": ["math"], "train_per_benchmark": 2, "val_per_benchmark": 1, "test_per_benchmark": 1}
     home = str(tmp_path / "home")
 
     @flow
-    def twice():
-        a = build_dataset(cfg, home=home, return_state=True)
-        b = build_dataset(cfg, home=home, return_state=True)
-        return a.name, b.name, a.result(), b.result()
+    def three(home=None):
+        states = [build_dataset(cfg, home=home, return_state=True) for _ in range(3)]
+        return [s.name for s in states], [s.result() for s in states]
 
-    first, second, ra, rb = twice()
-    assert first == "Completed" and second == "Cached"
-    assert ra == rb and ra["counts"] == {"train": 2, "val": 1, "test": 1}
+    names, res = three(home)
+    # the 2nd call sees a store that now holds the version (reused by build_suite), the 3rd is cached
+    assert names == ["Completed", "Completed", "Cached"] and res[1]["reused"] and res[1] == res[2]
+    assert res[0]["counts"] == {"train": 2, "val": 1, "test": 1} and res[0]["version"] == res[2]["version"]
+    # the store is wiped: the cached result would point at nothing, so the build runs again
+    shutil.rmtree(home)
+    names, res = three(home)
+    assert names[0] == "Completed" and not res[0]["reused"]
+    # home=None resolves through MAESTRO_HOME: another home is another key
+    monkeypatch.setenv("MAESTRO_HOME", str(tmp_path / "other"))
+    names, res = three(None)
+    assert names[0] == "Completed" and not res[0]["reused"]
 
 
 def test_warm_up_fails_fast_naming_the_expert(tmp_path):
@@ -273,3 +283,22 @@ def test_transient_errors_are_retried():
         return flaky()
 
     assert run() == 2
+
+
+@pytest.mark.slow
+def test_train_flow_on_a_dask_cluster(tiny, tmp_path):
+    """Rollout chunks of the learned policy in 2 Dask worker processes (checkpoint folders read
+    there, shards written there), ingest and updates in the flow's process."""
+    from pathlib import Path
+
+    from flows.pipeline import train_orchestrator
+    from tests.pipeline_helpers import write_train_config
+    cfg = write_train_config(tmp_path / "train.yaml", Path(tiny["registry"]), iterations=2)
+    res = train_orchestrator(config_path=str(cfg), home=tiny["home"], runner="dask", dask_workers=2,
+                             evaluate_test=False)
+    with Store(tiny["home"]) as st:
+        trajs = st.trajectories(res["run_id"])
+        assert st.run(res["run_id"])["status"] == "completed"
+    assert len(trajs) == 2 * 4 * 4
+    assert len({(t.iteration, t.item_id, t.sample_index) for t in trajs}) == len(trajs)
+    assert {t.checkpoint_id for t in trajs} == {f"{res['run_id']}/ckpt-0", f"{res['run_id']}/ckpt-1"}
