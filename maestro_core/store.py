@@ -10,7 +10,9 @@ evaluation results, next to an object store that holds the trajectory shards.
         st.episodes("r1")                                # -> pyarrow.Table, one row per episode
 
 Layout: `<home>/maestro.duckdb` and, unless `object_store` names another location (a folder or
-s3://bucket/prefix), the local object store `<home>/objects`.
+s3://bucket/prefix), the local object store `<home>/objects`. An S3 object store spools the
+writes it cannot take during an outage to `<home>/spool/<bucket>/<prefix>` and uploads them when
+the server is back (objectstore.SpoolingObjectStore); close() tries once to upload what is left.
 
 One writer: DuckDB lets only ONE process open the file for writing (it holds a file lock while
 open). Only the orchestrating process opens a Store; workers in other processes (Prefect task
@@ -32,6 +34,7 @@ like Trajectory.created_at.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -49,6 +52,8 @@ from maestro_core.objectstore import ObjectStore, open_object_store
 from maestro_core.shards import (as_trajectory_table, check_chunk, check_run_id, list_shards,
                                  parse_shard_key, read_shard, write_shard)
 from maestro_core.trajectory import STEP_SCHEMA, TRAJECTORY_SCHEMA, Trajectory, from_arrow
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DB_FILENAME = "maestro.duckdb"
@@ -163,8 +168,9 @@ class Store:
             raise StorageError(f"cannot create the Maestro home {self.home}: {e}. Fix: pass a writable "
                                "folder as home or set MAESTRO_HOME.") from e
         self.db_path = self.home / DB_FILENAME
+        # an S3 store spools the shards it cannot take during an outage under <home>/spool
         self.objects: ObjectStore = open_object_store(object_store if object_store is not None
-                                                      else self.home / "objects")
+                                                      else self.home / "objects", spool=self.home / "spool")
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = self._connect()
         try:
@@ -273,6 +279,10 @@ class Store:
             if self._con is not None:
                 self._con.close()
                 self._con = None
+            try:
+                self.objects.close()  # a spool tries once to upload what it holds
+            except StorageError as e:
+                log.warning("closing the object store %s: %s", self.objects.uri(), e)
 
     def __enter__(self) -> "Store":
         return self
