@@ -42,13 +42,17 @@ class TrainConfig:
     hidden: int = field(default=128, metadata={"help": "Policy model width (a Llama built from a config)."})
     layers: int = field(default=2, metadata={"help": "Policy model layers."})
     heads: int = field(default=4, metadata={"help": "Attention heads."})
+    tie_embeddings: bool = field(default=False, metadata={
+        "help": "Share the input embedding with the output layer. Off on CPU: the action tokens also appear in "
+                "the catalogue of every prompt, and with a shared matrix each RL step on an action moved the "
+                "prompt's representation for every benchmark."})
     vocab_size: int = field(default=2048, metadata={"help": "Policy tokenizer size (trained on the suite)."})
     call_input: str = field(default="question", metadata={
         "help": "'question': a call forwards the task's question (the policy routes; the CPU default, whose "
                 "~5M-parameter policy cannot write useful inputs); 'free': it may also write the input."})
     actions: str = field(default="level1", metadata={
         "help": "'level1': the policy picks EXPERT@@SKILL and the skill picks its solver (the paper's action "
-                "space; 13 actions on Maestro-Mini); 'all': level-2 EXPERT@@SKILL/SOLVER actions too."})
+                "space; 10 actions on Maestro-Mini); 'all': level-2 EXPERT@@SKILL/SOLVER actions too."})
     pretrain_steps: int = field(default=300, metadata={
         "help": "Label-free warm-up steps before RL (pretrain_reader: the first action's position predicts "
                 "the question's words; no answers, routes or rewards), so the random-init policy reads its "
@@ -57,7 +61,7 @@ class TrainConfig:
         "help": "Sampling temperature of rollouts (= grpo.temperature). 1.5 on CPU: the routing of minority "
                 "benchmarks keeps being explored."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
-    val_items: int = field(default=40, metadata={"help": "Validation items scored at each evaluation."})
+    val_items: int = field(default=100, metadata={"help": "Validation items scored at each evaluation (spread over the benchmarks; 100 = the whole Maestro-Mini val split)."})
     chunk_size: int = field(default=0, metadata={
         "help": "Items per rollout chunk (one task and one shard each); 0: the whole iteration in one chunk, "
                 "which batches the policy best on one machine."})
@@ -177,7 +181,8 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
 
     tok = train_policy_tokenizer(policy_corpus(registry, texts), vocab_size=config.vocab_size,
                                  extra_tokens=policy_extra_tokens(registry))
-    model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed)
+    model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed,
+                             tie_embeddings=config.tie_embeddings)
     if config.pretrain_steps and messages:
         import torch
         examples = [(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True), m[-1]["content"])
