@@ -379,8 +379,13 @@ class Store:
                         old = (f"SELECT episode_id FROM episodes WHERE run_id = ? AND iteration = ? AND chunk = ? "
                                f"UNION SELECT episode_id FROM {src}")
                         params = [run_id, iteration, chunk]
-                        con.execute(f"DELETE FROM steps WHERE episode_id IN ({old})", params)
-                        con.execute(f"DELETE FROM episodes WHERE episode_id IN ({old})", params)
+                        # a first ingest (the common case) has nothing to replace: skip the deletes
+                        stale = con.execute(
+                            f"SELECT 1 FROM episodes WHERE (run_id = ? AND iteration = ? AND chunk = ?) "
+                            f"OR episode_id IN (SELECT episode_id FROM {src}) LIMIT 1", params).fetchone()
+                        if stale:
+                            con.execute(f"DELETE FROM steps WHERE episode_id IN ({old})", params)
+                            con.execute(f"DELETE FROM episodes WHERE episode_id IN ({old})", params)
                         con.execute(_INGEST_EPISODES.format(src=src))
                         con.execute(_INGEST_STEPS.format(src=src))
                 except duckdb.Error as e:
