@@ -28,6 +28,12 @@ CHAT = ("{% for m in messages %}{{ '<' + m['role'] + '>' }}{{ m['content'] }}{% 
         "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
+def _cpu(**kw):
+    """The CPU profile as these tests were written for: exact on-policy steps (mu = 1), the toy
+    sampler's temperature 1.0, advantages scaled by the group's std."""
+    return GRPOSettings.cpu_profile(**{"temperature": 1.0, "num_iterations": 1, "scale_rewards": "group", **kw})
+
+
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -186,7 +192,7 @@ def test_rollout_validation(tok):
 def test_env_positions_get_zero_gradient(tok, tmp_path):
     model = make_model(tok)
     toy = Toy(tok, model)
-    settings = GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8, learning_rate=1e-3)
+    settings = _cpu(num_generations=4, per_device_train_batch_size=8, learning_rate=1e-3)
     trajs = toy.collect(0, range(K), 4)
     from maestro_core.grpo import GRPOUpdater
 
@@ -258,7 +264,7 @@ def test_lora_update_changes_only_adapters(tok, tmp_path):
     model = make_model(tok)
     toy = Toy(tok, model)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    settings = GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=16, lora_r=4,
+    settings = _cpu(num_generations=4, per_device_train_batch_size=16, lora_r=4,
                                         learning_rate=1e-2)
     res = grpo_update(model, tok, toy.collect(0, range(K), 4), settings, str(tmp_path))
     assert res.params_changed
@@ -286,7 +292,7 @@ def test_long_lived_trainer_collects_with_current_weights(tok, tmp_path):
         return out
 
     keys = [group_key(0, f"item-{i}") for i in range(K)]
-    settings = GRPOSettings.cpu_profile(num_generations=G, per_device_train_batch_size=8)
+    settings = _cpu(num_generations=G, per_device_train_batch_size=8)
     trainer = build_trainer(model, tok, settings, str(tmp_path), source=collect, group_keys=keys,
                             groups_per_step=2, max_steps=3)
     trainer.train()
@@ -301,7 +307,7 @@ def test_toy_routing_learns_through_rollout_func(tok, tmp_path):
     model = make_model(tok)
     toy = Toy(tok, model)
     G = 8
-    settings = GRPOSettings.cpu_profile(num_generations=G, per_device_train_batch_size=32, learning_rate=5e-3)
+    settings = _cpu(num_generations=G, per_device_train_batch_size=32, learning_rate=5e-3)
     items = list(range(K))
     first = [p.detach().clone() for p in model.parameters()]
     rewards, times = [], []
@@ -339,5 +345,5 @@ def test_update_from_stored_episodes(tok, tmp_path):
     a = trajectories_to_rollout(sorted(stored, key=lambda t: (t.item_id, t.sample_index)))
     b = trajectories_to_rollout(trajs)
     assert a["completion_ids"] == b["completion_ids"] and a["env_mask"] == b["env_mask"]
-    res = grpo_update(model, tok, stored, GRPOSettings.cpu_profile(num_generations=4), str(tmp_path / "out"))
+    res = grpo_update(model, tok, stored, _cpu(num_generations=4), str(tmp_path / "out"))
     assert res.params_changed and res.mean_reward == sum(t.reward for t in trajs) / len(trajs)
