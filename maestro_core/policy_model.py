@@ -38,6 +38,9 @@ def load_policy_model(path_or_hub_id: str | Path, *, dtype=None, device: str = "
     """Any causal LM through `AutoModelForCausalLM.from_pretrained` (a local path or a hub id)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    # every rollout chunk loads its checkpoint: no progress bar per load
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(path_or_hub_id), dtype=dtype or torch.float32)
     return model.to(device).eval()
