@@ -133,7 +133,7 @@ class GRPOSettings:
 
     @classmethod
     def cpu_profile(cls, **overrides: Any) -> "GRPOSettings":
-        """For the embedded default (a ~0.6M-parameter Llama from a config) on 2 CPU cores: a large
+        """For the embedded default (a ~1M-parameter Llama from a config) on 2 CPU cores: a large
         LR (the paper's 1e-6 would not move a random-init model in a CPU budget), two passes over
         each collected batch (mu = 2, clipped), micro-batches of 32 episodes, sampling at temperature
         1.5 (exploration), advantages not divided by the group's std (with a cost term in the
