@@ -115,8 +115,10 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
 def evaluate_orchestrator(config_path: str | None = None, split: str = "test", data: str | None = None,
                           registry: str | None = None, out: str | None = None, home: str | None = None,
                           checkpoint: str = "none") -> dict[str, Any]:
-    """Evaluate every baseline (and, later, a checkpoint) on the suite's split or a JSONL file;
-    writes metrics.json, report.md, results.csv into `out` and publishes Prefect artifacts."""
+    """Evaluate every baseline and, with `checkpoint` (latest, best, RUN/ckpt-N or a folder),
+    the policy beside its untrained self, on the suite's split or a JSONL file; writes
+    metrics.json, report.md, results.csv and the plots into `out` and publishes Prefect
+    artifacts."""
     cfg = load_config(config_path)
     home = home or cfg.home
     out = out or _default_out(home, "eval")
