@@ -1,0 +1,99 @@
+"""What the policy reads at its first action, on the suite in a home (diagnostics behind
+docs/POLICY.md "why"):
+
+    .venv/bin/python benchmarks/policy_probe.py --home HOME                    # warm-up separation
+    .venv/bin/python benchmarks/policy_probe.py --home HOME --checkpoint DIR   # + first-action routing
+
+1. Separation: a fresh policy (the CPU default's tokenizer and model) with 0 and with 300
+   label-free warm-up steps (`pretrain_reader`); for every train item, the last hidden state
+   where the first action is sampled (prompt + `<call>`); the mean distance between the five
+   benchmark centroids, and the mean distance of an item to its own centroid.
+2. With --checkpoint: the probability of each action at that position (temperature 1), the
+   top three per benchmark, on one train item per benchmark: a policy that routes per
+   benchmark shows different top actions; one that learned only the marginal shows the same.
+Writes benchmarks/results/policy_probe.json (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from benchmarks._common import write_result  # noqa: E402
+
+
+def main() -> None:
+    import argparse
+
+    import torch
+
+    from maestro_core.episode import build_messages
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.suite import load_suite
+    from maestro_core.training import TrainConfig, build_policy
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--home", required=True, help="a home holding the Maestro-Mini suite")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint folder for the routing probe")
+    p.add_argument("--small", action="store_true", help="20 warm-up steps, 40 items")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args()
+    started = time.perf_counter()
+    reg = load_registry(DEFAULT_REGISTRY)
+    items = load_suite(args.home, split="train")
+    if args.small:
+        items = items[::max(1, len(items) // 40)]
+    msgs = [build_messages(reg, it, compact=True) for it in items]
+
+    def separation(steps: int) -> dict:
+        cfg = TrainConfig(pretrain_steps=steps)
+        model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+        call = tok("<call>", add_special_tokens=False)["input_ids"]
+        hs: dict[str, list] = {}
+        for it, m in zip(items, msgs):
+            with torch.no_grad():
+                out = model(torch.tensor([list(pol.encode_prompt(m)) + call]), output_hidden_states=True)
+            hs.setdefault(it.benchmark, []).append(out.hidden_states[-1][0, -1])
+        cent = {b: torch.stack(v).mean(0) for b, v in hs.items()}
+        within = sum(float((torch.stack(v) - cent[b]).norm(dim=-1).mean()) for b, v in hs.items()) / len(hs)
+        pairs = list(itertools.combinations(sorted(cent), 2))
+        between = sum(float((cent[a] - cent[b]).norm()) for a, b in pairs) / max(1, len(pairs))
+        return {"warmup_steps": steps, "between_centroids": round(between, 3), "within": round(within, 3),
+                "ratio": round(between / within, 2)}
+
+    steps = 20 if args.small else 300
+    res = {"separation": [separation(0), separation(steps)]}
+    print(f"{'warm-up steps':>14} {'between':>9} {'within':>8} {'ratio':>6}")
+    for r in res["separation"]:
+        print(f"{r['warmup_steps']:>14} {r['between_centroids']:>9} {r['within']:>8} {r['ratio']:>6}")
+
+    if args.checkpoint:
+        from maestro_core.checkpoints import load_checkpoint_policy
+        pol = load_checkpoint_policy(args.checkpoint, reg)
+        tok, model = pol.tokenizer, pol.model
+        ids = [tok.convert_tokens_to_ids(a) for a in pol.actions]
+        call = tok("<call>", add_special_tokens=False)["input_ids"]
+        routing = {}
+        for it, m in zip(items, msgs):
+            if it.benchmark in routing:
+                continue
+            with torch.no_grad():
+                logits = model(torch.tensor([list(pol.encode_prompt(m)) + call])).logits[0, -1]
+            pr = logits[ids].softmax(-1)
+            top = pr.topk(min(3, len(ids)))
+            routing[it.benchmark] = [(pol.actions[i], round(float(v), 3)) for v, i in zip(top.values, top.indices)]
+        res["routing"] = routing
+        print("\nfirst action, top 3 per benchmark:")
+        for b, r in sorted(routing.items()):
+            print(f"  {b:13} " + ", ".join(f"{a} {p:.2f}" for a, p in r))
+    write_result("policy_probe", args, res, started)
+
+
+if __name__ == "__main__":
+    main()
