@@ -94,6 +94,7 @@ from typing import Any, Mapping, Sequence
 
 import httpx
 
+from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.errors import ConfigError, ExpertError, ExpertHTTPError, ExpertReplyError, ExpertTimeout
 from maestro_core.policy import EpisodeView, PolicyTurn
 from maestro_core.registry import Registry
@@ -198,77 +199,24 @@ class OpenAIPolicy:
                                   "record_tokens=False for evaluation-only use.")
         self.eos_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         self._turns: OrderedDict[str, dict[int, tuple[str, tuple[int, ...]]]] = OrderedDict()
-        self._prompts: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
-        self._obs_frame = self._observation_frame() if self.tokenizer is not None else None
+        self.encoder = ChatEncoder(self.tokenizer, self.chat_template_kwargs) if self.tokenizer is not None else None
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIPolicy(base_url={self.base_url!r}, model={self.model!r}, checkpoint_id={self.checkpoint_id!r})"
 
-    # -- encoding (local tokenizer; the same rules as LMPolicy) -------------------------------
-    def _render(self, messages, add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  **self.chat_template_kwargs)
-
-    def _tok(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
+    # -- encoding (local tokenizer; maestro_core.chat_encoding, the same as LMPolicy) ----------
     def encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> tuple[int, ...]:
-        if self.tokenizer is None:
-            return ()
-        key = tuple((m["role"], m["content"]) for m in messages)
-        ids = self._prompts.get(key)
-        if ids is None:
-            ids = self._tok(self._render(messages, True))
-            self._prompts[key] = ids
-            if len(self._prompts) > 256:
-                self._prompts.popitem(last=False)
-        return ids
-
-    def _observation_frame(self) -> tuple[str, str]:
-        eos = self.tokenizer.eos_token
-        marker = "\x00OBS\x00"
-        conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        s1 = self._render(conv, False)
-        s2 = self._render(conv + [{"role": "user", "content": marker}], True)
-        if not eos or not s2.startswith(s1) or eos not in s1 or s2.count(marker) != 1:
-            raise ConfigError("the tokenizer's chat template does not render a conversation as a prefix of its "
-                              "continuation (with the EOS token ending each turn), so turns and observations "
-                              "cannot be encoded separately.", field="tokenizer",
-                              fix="use a chat template that keeps earlier turns unchanged (e.g. set "
-                                  "chat_template_kwargs, or serve a template without history rewriting).")
-        tail = s1[s1.rfind(eos) + len(eos):]
-        before, after = s2[len(s1):].split(marker)
-        return tail + before, after
+        return self.encoder.encode_prompt(messages) if self.encoder is not None else ()
 
     def encode_observation(self, message: Mapping[str, str]) -> tuple[int, ...]:
-        if self.tokenizer is None:
-            return ()
-        if message.get("role", "user") == "user":
-            before, after = self._obs_frame
-            return self._tok(before + message["content"] + after)
-        conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        s1, s2 = self._render(conv, False), self._render(conv + [dict(message)], True)
-        eos = self.tokenizer.eos_token
-        return self._tok(s1[s1.rfind(eos) + len(eos):] + s2[len(s1):])
+        return self.encoder.encode_observation(message) if self.encoder is not None else ()
 
     def context_ids(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None = None) -> list[int]:
         """The token context of the next turn as the trajectory records it: prompt + (turn ids,
         observation ids)*, reusing each turn's sampled ids."""
-        ids = list(self.encode_prompt(messages[:2]))
-        seen = self._turns.get(view.episode_id, {}) if view is not None else {}
-        k = 0
-        for m in messages[2:]:
-            if m["role"] == "assistant":
-                rec = seen.get(k)
-                if rec is not None and rec[0] == m["content"]:
-                    ids.extend(rec[1])
-                else:
-                    ids.extend(self._tok(m["content"]) + ((self.eos_id,) if self.eos_id is not None else ()))
-                k += 1
-            else:
-                ids.extend(self.encode_observation(m))
-        return ids
+        if self.encoder is None:
+            return []
+        return self.encoder.context_ids(messages, self._turns.get(view.episode_id) if view is not None else None)
 
     # -- the request --------------------------------------------------------------------------
     def turn_regex(self, view: EpisodeView | None) -> str | None:
@@ -413,7 +361,7 @@ class OpenAIPolicy:
             if isinstance(served, list):
                 self._check_context(messages, view, served)
         else:
-            ids = (self._tok(text) + ((self.eos_id,) if self.eos_id is not None else ())) if self.tokenizer else ()
+            ids = self.encoder.encode_turn(text) if self.encoder is not None else ()
             lps = ()
         if view is not None:
             rec = self._turns.setdefault(view.episode_id, {})

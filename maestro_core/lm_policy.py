@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.constrained import ActionConstraint, TurnState
 from maestro_core.policy import EpisodeView, PolicyTurn, information_text
 from maestro_core.protocol import unescape
@@ -82,66 +83,21 @@ class LMPolicy:
         self._queue: list[_Request] = []
         self._worker: asyncio.Task | None = None
         self._turns: OrderedDict[str, dict[int, tuple[str, tuple[int, ...]]]] = OrderedDict()
-        self._prompts: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
-        self._obs_frame = self._observation_frame()
+        self.encoder = ChatEncoder(tokenizer)
 
-    # -- encoding ---------------------------------------------------------------------------
-    def _render(self, messages, add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def _tok(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
+    # -- encoding (maestro_core.chat_encoding) -------------------------------------------------
     def encode_prompt(self, messages: Sequence[Mapping[str, str]]) -> tuple[int, ...]:
-        key = tuple((m["role"], m["content"]) for m in messages)
-        ids = self._prompts.get(key)
-        if ids is None:
-            ids = self._tok(self._render(messages, True))
-            self._prompts[key] = ids
-            if len(self._prompts) > 256:
-                self._prompts.popitem(last=False)
-        return ids
-
-    def _observation_frame(self) -> tuple[str, str]:
-        """(text before, text after) an observation's content, from the end of a turn's EOS
-        to the next generation prompt, as the chat template renders them."""
-        eos = self.tokenizer.eos_token
-        marker = "\x00OBS\x00"
-        conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        s1 = self._render(conv, False)
-        s2 = self._render(conv + [{"role": "user", "content": marker}], True)
-        if not s2.startswith(s1) or eos not in s1 or s2.count(marker) != 1:
-            raise ValueError("the chat template does not render a conversation as a prefix of its continuation.")
-        tail = s1[s1.rfind(eos) + len(eos):]
-        before, after = s2[len(s1):].split(marker)
-        return tail + before, after
+        return self.encoder.encode_prompt(messages)
 
     def encode_observation(self, message: Mapping[str, str]) -> tuple[int, ...]:
-        if message.get("role", "user") == "user":
-            before, after = self._obs_frame
-            return self._tok(before + message["content"] + after)
-        conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        s1, s2 = self._render(conv, False), self._render(conv + [dict(message)], True)
-        eos = self.tokenizer.eos_token
-        return self._tok(s1[s1.rfind(eos) + len(eos):] + s2[len(s1):])
+        return self.encoder.encode_observation(message)
 
     def _encode_turn(self, text: str) -> tuple[int, ...]:
-        return self._tok(text) + (self.eos_id,)
+        return self.encoder.tok(text) + (self.eos_id,)
 
     def context_ids(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None = None) -> list[int]:
         """The token context for the next turn: prompt + (turn ids, observation ids)*."""
-        ids = list(self.encode_prompt(messages[:2]))
-        seen = self._turns.get(view.episode_id, {}) if view is not None else {}
-        k = 0
-        for m in messages[2:]:
-            if m["role"] == "assistant":
-                rec = seen.get(k)
-                ids.extend(rec[1] if rec is not None and rec[0] == m["content"] else self._encode_turn(m["content"]))
-                k += 1
-            else:
-                ids.extend(self.encode_observation(m))
-        return ids
+        return self.encoder.context_ids(messages, self._turns.get(view.episode_id) if view is not None else None)
 
     def candidates(self, messages: Sequence[Mapping[str, str]]) -> list[str]:
         """Answer candidates: the payloads of the episode's `<information>` observations."""

@@ -193,14 +193,7 @@ def test_answer_only_on_the_last_turn(reg, tok):
     g = ActionConstraint(tok, reg.grammar().actions, max_tokens=12, forward_question=True)
     gen = torch.Generator().manual_seed(4)
     for _ in range(100):
-        st, ids = g.start(answer_only=True), []
-        while not st.done:
-            m = st.mask()
-            logits = torch.randn(m.shape[0], generator=gen)
-            logits[~m] = float("-inf")
-            t = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-            st.advance(t)
-            ids.append(t)
+        ids = _run(g.start(answer_only=True), gen)
         assert isinstance(parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg), Answer)
 
 
