@@ -34,15 +34,37 @@ Facts about TRL 1.16 relied on here (checked in trl/trainer/grpo_trainer.py):
   validated here.
 - with mask_truncated_completions=True a completion whose last token is not EOS/pad gets zero
   loss: every episode must end with the policy's EOS (validated here).
+
+Vision-language policies (maestro_core.multimodal.VLMPolicy): pass the processor as `tokenizer`
+and `images={item_id: item.images}`. How images reach TRL 1.16's loss with a rollout_func:
+- TRL takes images only from the dataset rows ("images" column) and only with conversational
+  prompts (a string prompt with images is refused). So with `images`, each group's row is
+  `{"prompt": [{"role": "user", "content": <group key>}], "images": [PIL images]}`; TRL turns the
+  prompt into multimodal parts (prepare_multimodal_messages) before the rollout_func sees it, and
+  `prompt_group_key` reads the key back from the text part.
+- TRL computes the forward's image inputs by running the processor over the dataset prompt (the
+  group key) with the row's images, not over the rollout's prompt_ids. Pixel values and image
+  grids depend only on the images, so they are the ones the policy sampled with (the same
+  processor, the same RGB images: multimodal.load_image). Per-token fields do not:
+  `mm_token_type_ids` (Qwen-VL's multimodal RoPE) and `token_type_ids` (Gemma-3-style) come out
+  aligned with the group key's tokens, not with prompt_ids + completion_ids (with Qwen2-VL the
+  forward fails: "The shape of the mask [204] ... does not match ... [63]"). The trainer
+  subclass used for processors (`_vlm_trainer_class`) rebuilds them from the ids actually
+  scored (`processor.create_mm_token_type_ids`) in `_get_per_token_logps_and_entropies`, which
+  every TRL forward (old, reference and loss logprobs) goes through.
+- The rollout's prompt_ids must hold exactly one run of placeholder tokens per image, as the
+  processor expands them (VLMPolicy records them so); TRL does not check it (the model's
+  forward raises on a count mismatch).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -203,6 +225,19 @@ def parse_group_key(key: str) -> tuple[int, str]:
     return int(parts[1]), parts[2]
 
 
+def prompt_group_key(prompt: Any) -> str:
+    """The group key a trainer prompt stands for: the prompt itself (text-only rows), or the text
+    of the last user message of a conversational prompt (rows with images, which TRL hands to the
+    rollout_func as multimodal messages)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        users = [m for m in prompt if m.get("role") == "user"] or prompt
+        content = users[-1].get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return content if isinstance(content, str) else str(content)
+    return prompt if isinstance(prompt, str) else str(prompt)
+
+
 def trajectory_group_key(t: Trajectory) -> str:
     return group_key(t.iteration, t.item_id)
 
@@ -357,7 +392,7 @@ class RolloutBank:
         count: dict[str, int] = defaultdict(int)
         out = []
         for p in prompts:
-            key = p if isinstance(p, str) else str(p)
+            key = prompt_group_key(p)
             parse_group_key(key)
             if key not in self.groups:
                 raise ConfigError(f"no stored episodes for group {key!r}.", source="grpo",
@@ -396,7 +431,7 @@ def make_rollout_func(source: Sequence[Trajectory] | RolloutBank | Callable[[lis
         b = bank
         if collect is not None:
             keys = []
-            for p in prompts:
+            for p in map(prompt_group_key, prompts):
                 if not keys or keys[-1] != p:
                     keys.append(p)
             model = getattr(trainer, "model", None)
@@ -418,11 +453,27 @@ def make_rollout_func(source: Sequence[Trajectory] | RolloutBank | Callable[[lis
     return rollout_func
 
 
-def group_dataset(keys: Sequence[str]) -> Any:
-    """The trainer's dataset: one row per group, the prompt being the group key."""
+def group_dataset(keys: Sequence[str], images: Mapping[str, Sequence[str]] | None = None) -> Any:
+    """The trainer's dataset: one row per group, the prompt being the group key. With `images`
+    (item_id -> image paths, () for a text-only item; every group's item must be listed) the rows
+    are conversational and carry the item's images, which is how TRL passes images to the loss
+    (see the module docstring)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": list(keys)})
+    if images is None:
+        return Dataset.from_dict({"prompt": list(keys)})
+    from maestro_core.multimodal import load_image
+
+    rows: dict[str, list] = {"prompt": [], "images": []}
+    for key in keys:
+        item_id = parse_group_key(key)[1]
+        if item_id not in images:
+            raise ConfigError(f"no images given for item {item_id!r} (group {key!r}).", source="grpo", field="images",
+                              fix="pass images={item.id: item.images for item in items} covering every item "
+                                  "trained on (an empty tuple for a text-only item).")
+        rows["prompt"].append([{"role": "user", "content": key}])
+        rows["images"].append([load_image(p, index=k) for k, p in enumerate(images[item_id], 1)])
+    return Dataset.from_dict(rows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,18 +517,16 @@ class GRPOUpdater:
     def __init__(self, model: Any, tokenizer: Any, settings: GRPOSettings, output_dir: str, n_episodes: int):
         import os
 
-        from trl import GRPOTrainer
-
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         self.settings, self.output_dir, self.n_episodes = settings, str(output_dir), n_episodes
         b, spg = _batch_layout(n_episodes, settings)
         config = settings.to_grpo_config(output_dir, per_device_train_batch_size=b, steps_per_generation=spg,
                                          gradient_accumulation_steps=spg, max_steps=1)
         self.bank = RolloutBank()
-        if getattr(tokenizer, "pad_token_id", None) is None:
+        if getattr(getattr(tokenizer, "tokenizer", tokenizer), "pad_token_id", None) is None:
             raise ConfigError("the tokenizer has no pad token.", source="grpo",
                               fix="set tokenizer.pad_token (e.g. to the EOS token) before training.")
-        self.trainer = GRPOTrainer(model=model, reward_funcs=[reward_from_trajectory], args=config,
+        self.trainer = _trainer_class(tokenizer)(model=model, reward_funcs=[reward_from_trajectory], args=config,
                                    train_dataset=group_dataset(["maestro-group:0:placeholder"]),
                                    processing_class=tokenizer, rollout_func=make_rollout_func(self.bank),
                                    peft_config=settings.lora_config())
@@ -485,7 +534,9 @@ class GRPOUpdater:
         self.model = self.trainer.model
         self.calls = 0
 
-    def update(self, trajectories: Sequence[Trajectory]) -> UpdateResult:
+    def update(self, trajectories: Sequence[Trajectory],
+               images: Mapping[str, Sequence[str]] | None = None) -> UpdateResult:
+        """One optimizer step; `images` (item_id -> image paths) for a vision-language policy."""
         t0 = time.perf_counter()
         trajs = order_groups(trajectories)
         G = self.settings.num_generations
@@ -498,7 +549,7 @@ class GRPOUpdater:
         self.bank.put(trajs)
         keys = seen_order(trajs)
         tr = self.trainer
-        tr.train_dataset = group_dataset(keys)
+        tr.train_dataset = group_dataset(keys, images)
         before = _fingerprint(tr.model)
         old_state = tr.state
         n_logs = len(old_state.log_history)
@@ -518,6 +569,38 @@ class GRPOUpdater:
                             metrics=metrics, reused_trainer=self.calls > 1)
 
 
+def _trainer_class(processing_class: Any) -> type:
+    """trl.GRPOTrainer for a tokenizer; for a processor, the subclass that realigns per-token
+    modality ids (see the module docstring)."""
+    from transformers import ProcessorMixin
+    from trl import GRPOTrainer
+
+    return _vlm_trainer_class() if isinstance(processing_class, ProcessorMixin) else GRPOTrainer
+
+
+@functools.cache
+def _vlm_trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class VLMGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer whose forward rebuilds mm_token_type_ids / token_type_ids from the ids it
+        scores (TRL computed them over the dataset prompt, not over the rollout's prompt_ids)."""
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               *args: Any, **kwargs: Any):
+            import torch
+
+            keys = [k for k in ("mm_token_type_ids", "token_type_ids") if kwargs.get(k) is not None]
+            if keys:
+                types = torch.tensor(self.processing_class.create_mm_token_type_ids(input_ids.tolist()),
+                                     dtype=kwargs[keys[0]].dtype, device=input_ids.device)
+                kwargs.update({k: types for k in keys})
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
+
+    return VLMGRPOTrainer
+
+
 def _quiet(trainer: Any) -> None:
     """No per-step log dicts on stdout (disable_tqdm swaps the progress bar for a printer)."""
     from transformers.trainer_callback import PrinterCallback
@@ -528,14 +611,13 @@ def _quiet(trainer: Any) -> None:
 def build_trainer(model: Any, tokenizer: Any, settings: GRPOSettings, output_dir: str, *,
                   source: Sequence[Trajectory] | RolloutBank | Callable[[list[str]], Sequence[Trajectory]],
                   group_keys: Sequence[str], groups_per_step: int, max_steps: int,
-                  **config_overrides: Any) -> Any:
+                  images: Mapping[str, Sequence[str]] | None = None, **config_overrides: Any) -> Any:
     """A long-lived trl.GRPOTrainer over `group_keys` (the dataset) whose rollout_func draws from
     `source` (usually `collect(group_keys) -> episodes`, sampling with the trainer's current
     weights). Each optimizer step takes `groups_per_step` groups (one generation batch, gradient
-    accumulation over micro-batches), so every step is on-policy. Call `.train()` on the result."""
+    accumulation over micro-batches), so every step is on-policy. Call `.train()` on the result.
+    `images` (item_id -> image paths) for a vision-language policy (tokenizer = its processor)."""
     import os
-
-    from trl import GRPOTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     for k in group_keys:
@@ -545,9 +627,9 @@ def build_trainer(model: Any, tokenizer: Any, settings: GRPOSettings, output_dir
               max_steps=max_steps)
     kw.update(config_overrides)
     config = settings.to_grpo_config(output_dir, **kw)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_from_trajectory], args=config,
-                          train_dataset=group_dataset(group_keys), processing_class=tokenizer,
-                          rollout_func=make_rollout_func(source), peft_config=settings.lora_config())
+    trainer = _trainer_class(tokenizer)(model=model, reward_funcs=[reward_from_trajectory], args=config,
+                                        train_dataset=group_dataset(group_keys, images), processing_class=tokenizer,
+                                        rollout_func=make_rollout_func(source), peft_config=settings.lora_config())
     _quiet(trainer)
     return trainer
 
@@ -556,11 +638,12 @@ _UPDATERS: "weakref.WeakKeyDictionary[Any, GRPOUpdater]" = weakref.WeakKeyDictio
 
 
 def grpo_update(model: Any, tokenizer: Any, trajectories: Sequence[Trajectory], settings: GRPOSettings,
-                output_dir: str) -> UpdateResult:
+                output_dir: str, images: Mapping[str, Sequence[str]] | None = None) -> UpdateResult:
     """One GRPO optimizer step of `model` (in place) from collected episodes (whole groups of
     settings.num_generations). The trainer is cached per model and reused by later calls with the
     same tokenizer, settings, output_dir and number of episodes (AdamW state kept); otherwise a
-    new trainer is built (~0.1-1 s plus a fresh optimizer state)."""
+    new trainer is built (~0.1-1 s plus a fresh optimizer state). A vision-language policy passes
+    its processor as `tokenizer` and `images` = {item_id: image paths} (see the module docstring)."""
     n = len(trajectories)
     if n == 0 or n % settings.num_generations:
         raise ConfigError(f"{n} episodes is not a whole number of groups of {settings.num_generations}.",
@@ -570,7 +653,7 @@ def grpo_update(model: Any, tokenizer: Any, trajectories: Sequence[Trajectory], 
             or up.trainer.processing_class is not tokenizer:
         up = GRPOUpdater(model, tokenizer, settings, output_dir, n)
         _UPDATERS[model] = up
-    return up.update(trajectories)
+    return up.update(trajectories, images)
 
 
 def updater_for(model: Any) -> GRPOUpdater | None:
