@@ -2,7 +2,7 @@
 docs/POLICY.md "why"):
 
     .venv/bin/python benchmarks/policy_probe.py --home HOME                    # warm-up separation
-    .venv/bin/python benchmarks/policy_probe.py --home HOME --checkpoint DIR   # + first-action routing
+    .venv/bin/python benchmarks/policy_probe.py --home HOME --checkpoint DIR --cost-lambdas 0 1 2
 
 1. Separation: a fresh policy (the CPU default's tokenizer and model) with 0 and with 300
    label-free warm-up steps (`pretrain_reader`); for every train item, the last hidden state
@@ -11,6 +11,7 @@ docs/POLICY.md "why"):
 2. With --checkpoint: the probability of each action at that position (temperature 1), the
    top three per benchmark, on one train item per benchmark: a policy that routes per
    benchmark shows different top actions; one that learned only the marginal shows the same.
+   One table per cost weight in --cost-lambdas (shown in the prompt as in training).
 Writes benchmarks/results/policy_probe.json (or --out DIR).
 """
 
@@ -42,6 +43,8 @@ def main() -> None:
     p.add_argument("--home", required=True, help="a home holding the Maestro-Mini suite")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder for the routing probe")
     p.add_argument("--small", action="store_true", help="20 warm-up steps, 40 items")
+    p.add_argument("--cost-lambdas", type=float, nargs="*", default=[0.0],
+                   help="cost weights shown in the prompt for the routing probe (one table each)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     started = time.perf_counter()
@@ -49,11 +52,14 @@ def main() -> None:
     items = load_suite(args.home, split="train")
     if args.small:
         items = items[::max(1, len(items) // 40)]
-    msgs = [build_messages(reg, it, compact=True) for it in items]
+    cfg0 = TrainConfig()
+    grid = cfg0.cost_lambdas or (None,)  # the warm-up reads prompts as RL shows them: each weight of the grid
+    warm_msgs = [build_messages(reg, it, compact=True, cost_lambda=lam) for it in items for lam in grid]
+    msgs = [build_messages(reg, it, compact=True, cost_lambda=grid[0]) for it in items]
 
     def separation(steps: int) -> dict:
         cfg = TrainConfig(pretrain_steps=steps)
-        model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+        model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=warm_msgs)
         call = tok("<call>", add_special_tokens=False)["input_ids"]
         hs: dict[str, list] = {}
         for it, m in zip(items, msgs):
@@ -79,19 +85,22 @@ def main() -> None:
         tok, model = pol.tokenizer, pol.model
         ids = [tok.convert_tokens_to_ids(a) for a in pol.actions]
         call = tok("<call>", add_special_tokens=False)["input_ids"]
-        routing = {}
-        for it, m in zip(items, msgs):
-            if it.benchmark in routing:
-                continue
-            with torch.no_grad():
-                logits = model(torch.tensor([list(pol.encode_prompt(m)) + call])).logits[0, -1]
-            pr = logits[ids].softmax(-1)
-            top = pr.topk(min(3, len(ids)))
-            routing[it.benchmark] = [(pol.actions[i], round(float(v), 3)) for v, i in zip(top.values, top.indices)]
-        res["routing"] = routing
-        print("\nfirst action, top 3 per benchmark:")
-        for b, r in sorted(routing.items()):
-            print(f"  {b:13} " + ", ".join(f"{a} {p:.2f}" for a, p in r))
+        res["routing"] = {}
+        for lam in args.cost_lambdas:
+            routing = {}
+            for it in items:
+                if it.benchmark in routing:
+                    continue
+                m = build_messages(reg, it, compact=True, cost_lambda=lam)
+                with torch.no_grad():
+                    logits = model(torch.tensor([list(pol.encode_prompt(m)) + call])).logits[0, -1]
+                pr = logits[ids].softmax(-1)
+                top = pr.topk(min(3, len(ids)))
+                routing[it.benchmark] = [(pol.actions[i], round(float(v), 3)) for v, i in zip(top.values, top.indices)]
+            res["routing"][f"{lam:g}"] = routing
+            print(f"\nfirst action at cost weight {lam:g}, top 3 per benchmark:")
+            for b, r in sorted(routing.items()):
+                print(f"  {b:13} " + ", ".join(f"{a} {p:.2f}" for a, p in r))
     write_result("policy_probe", args, res, started)
 
 

@@ -170,7 +170,7 @@ def _eval(args) -> int:
     run_evaluation(out=args.out, registry_path=args.registry or cfg.registry, home=args.home or cfg.home,
                    split=args.split, data=args.data, checkpoint=args.checkpoint, baselines=args.baselines,
                    config=build(EvalConfig, ev, source=cfg.source, section="eval"),
-                   cost_lambda=getattr(args, "cost_lambda", None))
+                   cost_lambda=getattr(args, "cost_lambda", None), budget=getattr(args, "budget", None))
     print(f"wrote {args.out}/metrics.json, report.md, results.csv")
     return 0
 
@@ -243,6 +243,7 @@ def _train(args) -> int:
         return 0
     from maestro_core.config import build, load_config
     from maestro_core.experts import build_experts
+    from maestro_core.policy_config import PolicyConfig
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
     from maestro_core.store import Store
     from maestro_core.suite import ensure_suite
@@ -252,6 +253,7 @@ def _train(args) -> int:
     if args.iterations is not None:
         section["iterations"] = args.iterations
     tcfg = build(TrainConfig, section, source=cfg.source, section="train")
+    pcfg = build(PolicyConfig, cfg.section("policy"), source=cfg.source, section="policy")
     registry = load_registry(cfg.registry or DEFAULT_REGISTRY)
     with Store(args.home or cfg.home) as store:
         run_id, out = choose_run(store, tcfg, args.run_id, fresh=args.fresh)
@@ -262,7 +264,7 @@ def _train(args) -> int:
         print(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
               f"{tcfg.grpo.num_generations} episodes; outputs in {out}")
         res = train_policy(registry, train, val, store=store, experts=build_experts(registry), config=tcfg,
-                           out_dir=out, run_id=run_id, data_version=data_version(train + val))
+                           out_dir=out, run_id=run_id, data_version=data_version(train + val), policy=pcfg)
     print(f"done: checkpoints {res.checkpoints}; best {res.best_checkpoint} "
           f"(val accuracy {res.best_val_accuracy}); curve {out / 'curve.json'}")
     return 0
@@ -340,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "adds the systems policy and policy_untrained")
     e.add_argument("--cost-lambda", type=float, default=None,
                    help="cost weight shown to the policy at request time (higher: cheaper routes)")
+    e.add_argument("--budget", type=float, default=None,
+                   help="cost budget per task (USD) at request time: the policy is offered only the calls it can pay for")
     e.add_argument("--baselines", action="store_true", help="evaluate every baseline")
     e.add_argument("--split", default="test", help="train | val | test (default test)")
     e.add_argument("--data", default=None, help="a JSONL dataset file instead of the suite")

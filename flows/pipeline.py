@@ -61,6 +61,7 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
     same config unless `run_id` or `fresh` says otherwise."""
     from maestro_core.config import build
     from maestro_core.experts import build_experts
+    from maestro_core.policy_config import PolicyConfig
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
     from maestro_core.store import Store
     from maestro_core.suite import load_suite
@@ -73,6 +74,7 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
     if iterations is not None:
         section["iterations"] = iterations
     tcfg = build(TrainConfig, section, source=cfg.source, section="train")
+    pcfg = build(PolicyConfig, cfg.section("policy"), source=cfg.source, section="policy")
     dataset = build_dataset(cfg.section("suite") or None, home=home)
     warm_up_experts(registry_path, home=home)
     reg = load_registry(registry_path or DEFAULT_REGISTRY)
@@ -86,7 +88,7 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
               f"{tcfg.grpo.num_generations} episodes; outputs in {out_dir}")
         run = open_training_run(reg, train, val, store=store, experts=build_experts(reg), config=tcfg,
                                 out_dir=out_dir, run_id=run_id, data_version=data_version(train + val),
-                                registry_path=registry_path)
+                                registry_path=registry_path, policy=pcfg)
         for it in range(run.start, tcfg.iterations):
             specs = run.chunk_specs(it)
             if runner == "local":  # in this process: the run's experts and persistent cache

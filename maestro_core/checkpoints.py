@@ -45,17 +45,31 @@ class CheckpointInfo:
         return None if v is None else float(v)
 
 
+def save_weights(model, tokenizer, path: str | Path) -> Path:
+    """Write the model and tokenizer files of a checkpoint folder, without maestro.json (its
+    presence marks a complete checkpoint): e.g. for a policy server to load them before the
+    checkpoint's validation is known. `save_checkpoint(..., weights=False)` completes it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def save_checkpoint(model, tokenizer, path: str | Path, meta: Mapping[str, Any], *,
-                    objects: ObjectStore | None = None) -> str:
+                    objects: ObjectStore | None = None, weights: bool = True) -> str:
     """Write the folder (weights, tokenizer, maestro.json), then upload it when `objects` is
-    given. `meta` must hold run_id and iteration. Returns the local path."""
+    given. `meta` must hold run_id and iteration. `weights=False`: the weights are already
+    there (save_weights), only maestro.json is written. Returns the local path."""
     path = Path(path)
     for k in ("run_id", "iteration"):
         if k not in meta:
             raise ConfigError(f"checkpoint metadata lacks '{k}'.", source="save_checkpoint", fix=f"pass meta['{k}'].")
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if weights:
+        save_weights(model, tokenizer, path)
+    elif not (path / "config.json").exists():
+        raise ConfigError(f"{path} has no saved weights.", source="save_checkpoint",
+                          fix="call save_weights first, or save with weights=True.")
     full = {"name": path.name, "created": time.time(), **meta}
     (path / META).write_text(json.dumps(full, indent=2, default=str))
     if objects is not None:

@@ -67,16 +67,18 @@ def image_descriptor(index: int, path: str) -> str:
 
 def build_messages(registry: Registry, item: Item, *, cost_budget: float | None = None,
                    cost_lambda: float | None = None, compact: bool = False) -> list[dict[str, str]]:
-    """The policy's prompt: system = catalogue + protocol; user = question, images, budget."""
+    """The policy's prompt: system = catalogue + protocol; user = question, image descriptors,
+    the cost weight (when given, 0 included: a policy trained with weights sees one in every
+    prompt) and the budget."""
     if compact:
         system = f"{registry.catalogue(compact=True)}\n{PROTOCOL_TEXT_COMPACT}"
     else:
         system = f"{registry.catalogue()}\n\n{PROTOCOL_TEXT}"
-    if cost_lambda:
-        system += f"\nCost weight: {cost_lambda:g} (higher means cheaper routes are worth more)."
     user = f"Question: {item.question}"
     for i, p in enumerate(item.images, 1):
         user += "\n" + image_descriptor(i, p)
+    if cost_lambda is not None:  # in the user message, next to the question the policy reads
+        user += f"\nCost weight: {cost_lambda:g}" + ("" if compact else " (higher: cheaper routes are worth more)")
     if cost_budget is not None:
         user += f"\nBudget: ${cost_budget:g}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -132,7 +134,9 @@ class EpisodeRunner:
         spent_cost = 0.0
         n_invalid = 0
         for turn in range(cfg.max_turns):
-            pt = await self.policy.act(messages, EpisodeView(eid, sample_index, turn, cfg.max_turns))
+            left = None if cfg.cost_budget is None else max(0.0, cfg.cost_budget - spent_cost)
+            pt = await self.policy.act(messages, EpisodeView(eid, sample_index, turn, cfg.max_turns, left,
+                                                             images=tuple(item.images)))
             rec = dict(turn=turn, text=pt.text, completion_ids=tuple(pt.token_ids), logprobs=tuple(pt.logprobs))
             messages.append({"role": "assistant", "content": pt.text})
             try:

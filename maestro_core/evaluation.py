@@ -302,29 +302,34 @@ def policy_route(t: Trajectory) -> str:
     return " > ".join(calls) if calls else "answer"
 
 
-def checkpoint_episode_config(meta: Mapping) -> EpisodeConfig:
-    """The episode settings a checkpoint was trained with (turn limit, compact prompt, cost scale)."""
+def checkpoint_episode_config(meta: Mapping, *, budget: float | None = None) -> EpisodeConfig:
+    """The episode settings a checkpoint was trained with (turn limit, compact prompt, cost
+    scale), with a request-time cost budget per episode when given."""
     from maestro_core.rewards import RewardConfig
 
     cfg = meta.get("config", {})
-    return EpisodeConfig(max_turns=int(cfg.get("max_turns", 4)), call_timeout_s=1800,
+    return EpisodeConfig(max_turns=int(cfg.get("max_turns", 4)), call_timeout_s=1800, cost_budget=budget,
                          compact_prompt=bool(cfg.get("compact_prompt", True)),
                          reward=RewardConfig(cost_scale=float(cfg.get("cost_scale", 0.05))))
 
 
 async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], path, *,
                       cache: ExpertCache, run_id: str, iteration: int, cost_lambda: float | None = None,
-                      progress: Callable[[str], None] | None = None) -> tuple[list[Trajectory], list[str]]:
+                      budget: float | None = None, progress: Callable[[str], None] | None = None) -> tuple[list[Trajectory], list[str]]:
     """The greedy policy of the checkpoint at `path` on every item (one episode each), with the
-    cost weight `cost_lambda` shown in its prompt when given (the request-time budget knob)."""
+    cost weight `cost_lambda` shown in its prompt when given, and a per-episode cost `budget`
+    (the user message states it; the grammar offers only the calls it can pay for): the two
+    request-time cost knobs."""
     from maestro_core.checkpoints import load_checkpoint_policy, read_meta
 
     t0 = time.perf_counter()
     policy = load_checkpoint_policy(path, registry, temperature=0.0)
     meta = read_meta(path)
-    if cost_lambda is None and float(meta.get("config", {}).get("cost_lambda_max", 0) or 0) > 0:
+    from maestro_core.training import trained_with_cost
+
+    if cost_lambda is None and trained_with_cost(meta.get("config", {})):
         cost_lambda = 0.0  # trained with a cost weight in every prompt: show it, at 0 by default
-    runner = EpisodeRunner(registry, experts, policy, cache=cache, config=checkpoint_episode_config(meta))
+    runner = EpisodeRunner(registry, experts, policy, cache=cache, config=checkpoint_episode_config(meta, budget=budget))
     trajs = await runner.run(list(items), run_id=run_id, iteration=iteration, cost_lambda=cost_lambda)
     if progress:
         acc = sum(t.outcome for t in trajs) / max(1, len(trajs))
@@ -336,6 +341,7 @@ async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], 
 def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, home: str | Path | None = None,
                    split: str = "test", data: str | Path | None = None, checkpoint: str = "none",
                    baselines: bool = True, config: EvalConfig | None = None, cost_lambda: float | None = None,
+                   budget: float | None = None,
                    untrained: bool = True, log: Callable[[str], None] = print) -> dict:
     """`maestro eval`: evaluate on the suite's split (built when missing) or a JSONL file.
 
@@ -384,6 +390,7 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
         run_id = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         store.record_run(run_id, "eval", {"split": split, "data": str(data) if data else None,
                                           "checkpoint": str(ck_path or checkpoint), "cost_lambda": cost_lambda,
+                                          "budget": budget,
                                           "n_items": len(items)}, registry.version)
         cache = ExpertCache(store)
         experts = build_experts(registry)
@@ -405,7 +412,8 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                                               config=config.episode, progress=log)
                 # policy episodes take iterations after the pairs': episode ids stay distinct
                 pol = {name: await policy_runs(registry, experts, items, p, cache=cache, run_id=run_id,
-                                               iteration=len(pairs) + k, cost_lambda=cost_lambda, progress=log)
+                                               iteration=len(pairs) + k, cost_lambda=cost_lambda, budget=budget,
+                                               progress=log)
                        for k, (name, p) in enumerate(policies.items())}
                 return t, tt, pol
             finally:
@@ -424,7 +432,7 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                                             routers=config.routers, seed=config.seed))
         metrics = write_outputs(Path(out), systems=systems, items=items, split=split, registry=registry,
                                 checkpoint=str(ck_path or checkpoint),
-                                extra={"run_id": run_id, "cost_lambda": cost_lambda})
+                                extra={"run_id": run_id, "cost_lambda": cost_lambda, "budget": budget})
         for name, m in metrics["systems"].items():
             store.record_eval(run_id, name, split, "all", m)
         store.set_run_status(run_id, "completed")

@@ -97,7 +97,7 @@ import httpx
 from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.errors import ConfigError, ExpertError, ExpertHTTPError, ExpertReplyError, ExpertTimeout
 from maestro_core.policy import EpisodeView, PolicyTurn
-from maestro_core.registry import Registry
+from maestro_core.registry import ActionGrammar, Registry
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,15 @@ class OpenAIPolicy:
         if not self.constrained:
             return None
         last = view is not None and view.max_turns > 0 and view.turn >= view.max_turns - 1
-        return ANSWER_ONLY_REGEX if (last and self.answer_on_last_turn) else self.regex
+        if last and self.answer_on_last_turn:
+            return ANSWER_ONLY_REGEX
+        budget = view.budget_left if view is not None else None
+        if budget is not None:  # only the calls the budget left can pay for (none: answer)
+            acts = self.registry.grammar().actions
+            ok = self.registry.affordable(acts, budget)
+            if ok != acts:
+                return ActionGrammar(ok).regex() if ok else ANSWER_ONLY_REGEX
+        return self.regex
 
     def request_body(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in messages],

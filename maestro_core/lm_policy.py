@@ -74,10 +74,10 @@ class LMPolicy:
         unknown = sorted(set(self.actions) - set(registry.grammar().actions))
         if unknown:
             raise ValueError(f"actions {unknown} are not in registry '{registry.name}'.")
-        self.constraint = (ActionConstraint(tokenizer, self.actions, max_tokens=max_turn_tokens,
-                                            allow_think=allow_think, forward_question=forward_question,
-                                            free_input=free_input)
-                           if constrained else None)
+        self._constraint_kw = dict(max_tokens=max_turn_tokens, allow_think=allow_think,
+                                   forward_question=forward_question, free_input=free_input)
+        self.constraint = ActionConstraint(tokenizer, self.actions, **self._constraint_kw) if constrained else None
+        self._budget_constraints: dict[tuple[str, ...], ActionConstraint] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = PolicyStats()
         self._queue: list[_Request] = []
@@ -115,9 +115,10 @@ class LMPolicy:
         state = None
         if self.constraint is not None:
             last = view is not None and view.max_turns > 0 and view.turn >= view.max_turns - 1
-            state = self.constraint.start(self.candidates(messages) if self.answer_candidates else None,
-                                          answer_only=last and self.answer_on_last_turn,
-                                          call_until_candidates=self.answer_candidates)
+            constraint, none_affordable = self.constraint_for(view.budget_left if view is not None else None)
+            state = constraint.start(self.candidates(messages) if self.answer_candidates else None,
+                                     answer_only=(last and self.answer_on_last_turn) or none_affordable,
+                                     call_until_candidates=self.answer_candidates)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append(_Request(ctx, state, fut))
@@ -132,6 +133,19 @@ class LMPolicy:
         while len(self._turns) > 8192:
             self._turns.popitem(last=False)
         return PolicyTurn(text, tuple(ids), tuple(lps))
+
+    def constraint_for(self, budget_left: float | None) -> tuple[ActionConstraint, bool]:
+        """The turn grammar under the budget left: only the affordable actions (one grammar per
+        distinct set, cached); (grammar, True) when no call fits (the turn must answer)."""
+        ok = self.registry.affordable(self.actions, budget_left)
+        if ok == self.actions:
+            return self.constraint, False
+        if not ok:
+            return self.constraint, True
+        g = self._budget_constraints.get(ok)
+        if g is None:
+            g = self._budget_constraints[ok] = ActionConstraint(self.tokenizer, ok, **self._constraint_kw)
+        return g, False
 
     async def _serve(self):
         while self._queue:

@@ -41,6 +41,12 @@ class EpisodeView:
     turn: int
     max_turns: int = 0
     """The episode's turn limit (0: unknown). On the last turn only an answer can still score."""
+    budget_left: float | None = None
+    """What the episode's cost budget still allows (None: no budget). A constrained policy
+    offers only the actions whose call cost estimate fits (Registry.affordable)."""
+    images: tuple[str, ...] = ()
+    """The item's image files (item.images, in order): inputs the policy may see, as the
+    question is (a vision-language policy reads them; never the answer)."""
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -76,6 +76,14 @@ class Expert:
     def digest(self) -> str:
         """Hash of everything that changes what this expert answers (its cache version)."""
         return _hash({"kind": self.kind, "backend": _plain(self.backend)})
+
+    def call_cost_estimate(self, prompt_tokens: int = 512) -> float:
+        """What one call may cost before it is made: the per-call price plus `prompt_tokens`
+        input tokens and the backend's output limit (max_tokens / max_new_tokens, else 256) at
+        the token prices. The request-time budget filter offers an action only when this fits."""
+        b = self.backend
+        out = int(b.get("max_tokens", b.get("max_new_tokens", 256)) or 256)
+        return self.price.cost(prompt_tokens if (self.price.input_per_1m or self.price.output_per_1m) else 0, out)
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,14 @@ class Registry:
                     if self.compatible(e, s, sv):
                         out.append(f"{e}@@{s}/{sv}")
         return ActionGrammar(tuple(sorted(out)))
+
+    def affordable(self, actions: Sequence[str], budget_left: float | None) -> tuple[str, ...]:
+        """The actions whose expert's call cost estimate (Expert.call_cost_estimate) fits the
+        budget left; all of them when there is no budget."""
+        if budget_left is None:
+            return tuple(actions)
+        return tuple(a for a in actions
+                     if self.experts[a.split("@@", 1)[0]].call_cost_estimate() <= budget_left + 1e-12)
 
     # -- rendering ------------------------------------------------------------------------
     def catalogue(self, compact: bool = False) -> str:

@@ -12,6 +12,13 @@ process (a Dask worker, a Prefect worker). Its policy is built from a `policy_sp
                                                                  the LM policy of a checkpoint folder
                                                                  (downloaded from the chunk's object
                                                                  store when the folder is missing)
+    {"kind": "served", "base_url": "http://gpu:8000/v1", "model": "maestro-policy", "tokenizer": "/ckpt-0",
+     "checkpoint_id": "r1/ckpt-3", "temperature": 1.0, "seed": 7, ...}
+                                                                 OpenAIPolicy against a server that
+                                                                 serves that checkpoint (the other keys:
+                                                                 its keyword arguments; the API key is
+                                                                 never in a spec: it is read from the
+                                                                 environment where the chunk runs)
 
 The spec is data so that a run's config records exactly which policy collected it.
 """
@@ -36,7 +43,7 @@ from maestro_core.objectstore import open_object_store
 from maestro_core.registry import DEFAULT_REGISTRY, Registry, load_registry
 from maestro_core.shards import write_shard
 
-POLICY_KINDS = ("fixed-route", "scripted", "learned")
+POLICY_KINDS = ("fixed-route", "scripted", "learned", "served")
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | N
         def route(question: str) -> str:
             return next((pair for pat, pair in rules if pat.search(question)), default)
         return FixedRoutePolicy(route, checkpoint_id="scripted:demo-router")
+    if kind == "served":
+        return _served_policy(spec, registry)
     from pathlib import Path
 
     from maestro_core.checkpoints import download, load_checkpoint_policy
@@ -102,6 +111,25 @@ def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | N
     policy = load_checkpoint_policy(path, registry, temperature=float(spec.get("temperature", 1.0)))
     policy.generator.manual_seed(int(spec.get("seed", 0)))
     return policy
+
+
+def _served_policy(spec: dict[str, Any], registry: Registry):
+    import inspect
+
+    from maestro_core.http_policy import OpenAIPolicy
+
+    for key in ("base_url", "model"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise ConfigError(f"a served policy spec needs '{key}'.", field=f"policy_spec.{key}",
+                              fix="build the spec from the policy section (PolicyConfig.openai_kwargs).")
+    kw = {k: v for k, v in spec.items() if k not in ("kind", "base_url", "model")}
+    allowed = set(inspect.signature(OpenAIPolicy).parameters) - {"base_url", "model", "registry"}
+    unknown = sorted(set(kw) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown served policy spec key(s) {unknown}.", field=f"policy_spec.{unknown[0]}",
+                          fix=f"use OpenAIPolicy's keyword arguments {sorted(allowed)}; an API key goes in the "
+                              "environment (api_key_env names the variable).")
+    return OpenAIPolicy(spec["base_url"], spec["model"], registry, **kw)
 
 
 def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Registry | None = None,
@@ -131,6 +159,9 @@ def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Re
                                     iteration=spec.iteration, chunk=spec.chunk,
                                     cost_lambda=(lambda k: lams[k]) if lams else None)
         finally:
+            close = getattr(policy, "aclose", None)  # a served policy's HTTP client
+            if close is not None:
+                await close()
             if own:
                 for e in backends.values():
                     await e.aclose()
@@ -146,14 +177,14 @@ def chunk_specs(items: list[Item], *, run_id: str, iteration: int, chunk_size: i
                 object_store: str, registry_path: str | None, group_size: int = 1,
                 episode: dict[str, Any] | None = None, cost_lambdas: list[float] | None = None) -> list[ChunkSpec]:
     """Split items into chunks of `chunk_size` (chunk = index; deterministic). `cost_lambdas`
-    (one per episode, items x group_size in order) are split along; a learned policy's seed is
-    offset by the chunk index."""
+    (one per episode, items x group_size in order) are split along; a learned or served policy's
+    seed is offset by the chunk index."""
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}.", field="chunk_size", fix="use e.g. 16.")
     out = []
     for k, i in enumerate(range(0, len(items), chunk_size)):
         spec = dict(policy_spec)
-        if spec.get("kind") == "learned":
+        if spec.get("kind") in ("learned", "served"):
             spec["seed"] = int(spec.get("seed", 0)) + k
         lams = tuple(cost_lambdas[i * group_size:(i + chunk_size) * group_size]) if cost_lambdas else None
         out.append(ChunkSpec(run_id=run_id, iteration=iteration, chunk=k, items=tuple(items[i:i + chunk_size]),

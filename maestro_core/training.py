@@ -65,8 +65,13 @@ class TrainConfig:
     chunk_size: int = field(default=0, metadata={
         "help": "Items per rollout chunk (one task and one shard each); 0: the whole iteration in one chunk, "
                 "which batches the policy best on one machine."})
-    cost_lambda_max: float = field(default=0.3, metadata={
-        "help": "Cost weight sampled uniformly in [0, max] per episode and shown in the prompt (0: off)."})
+    cost_lambdas: tuple[float, ...] = field(default=(), metadata={
+        "help": "Cost weights to train with: one drawn per GROUP (the G episodes of an item share it, so their "
+                "advantages compare routes at one price; repeat a value to draw it more often) and shown in the "
+                "user message, so the policy can be steered at request time (`maestro eval --cost-lambda`). "
+                "() or (0,): off, the CPU default (docs/POLICY.md: the ~1M-parameter policy did not learn to read "
+                "the weight; use the request-time budget instead). With cost_scale 0.05 the best route of a "
+                "Maestro-Mini benchmark changes between 0 and 2."})
     cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
     seed: int = field(default=0, metadata={"help": "Seed of item sampling, model init and sampling."})
     grpo: GRPOSettings = field(default_factory=GRPOSettings.cpu_profile, metadata={"help": "GRPO settings."})
@@ -86,8 +91,9 @@ class TrainConfig:
         if self.call_input not in ("question", "free"):
             raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
                               fix="use 'question' or 'free'.")
-        if self.cost_lambda_max < 0:
-            raise ConfigError("cost_lambda_max must be >= 0.", field="cost_lambda_max", fix="use 0 to switch it off.")
+        if any(not (lam >= 0) for lam in self.cost_lambdas):
+            raise ConfigError(f"cost_lambdas {self.cost_lambdas} has a negative value.", field="cost_lambdas",
+                              fix="use weights >= 0, e.g. [0, 1, 2], or [] to switch it off.")
 
 
 @dataclass
@@ -114,6 +120,14 @@ def spread(items: Sequence[Item], n: int, *, seed: int = 0) -> list[Item]:
             if groups[b] and len(out) < n:
                 out.append(groups[b].pop())
     return out
+
+
+def trained_with_cost(config: dict) -> bool:
+    """Whether a training config (a stored dict) put a cost weight in every prompt; then
+    validation and evaluation show the weight too (0 unless asked). Reads older configs'
+    `cost_lambda_max` as well."""
+    lams = config.get("cost_lambdas") or ()
+    return any(float(x) > 0 for x in lams) or float(config.get("cost_lambda_max", 0) or 0) > 0
 
 
 def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
@@ -208,17 +222,29 @@ def update(model, tokenizer, trajectories: Sequence[Trajectory], config: TrainCo
     return grpo_update(model, tokenizer, list(trajectories), config.grpo, str(out_dir / "trainer"))
 
 
-def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config: TrainConfig, experts, cache) -> dict:
-    """Greedy policy on `items`: accuracy, calls and cost per task."""
+def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config: TrainConfig, experts, cache, *,
+             policy=None) -> dict:
+    """Greedy policy on `items`: accuracy, calls and cost per task. `policy`: the greedy policy
+    to use instead of the in-process model (a served policy at temperature 0)."""
     from maestro_core.lm_policy import LMPolicy
 
-    model.eval()
-    greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, checkpoint_id="validation",
-                      **policy_kwargs(config, registry))
+    greedy = policy
+    if greedy is None:
+        model.eval()
+        greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, checkpoint_id="validation",
+                          **policy_kwargs(config, registry))
     runner = EpisodeRunner(registry, experts, greedy, cache=cache, config=episode_config(config))
     # trained with a cost weight in every prompt: validate with the weight shown, at 0
-    lam = 0.0 if config.cost_lambda_max else None
-    trajs = asyncio.run(runner.run(list(items), run_id="validation", cost_lambda=lam))
+    lam = 0.0 if trained_with_cost(asdict(config)) else None
+
+    async def go():
+        try:
+            return await runner.run(list(items), run_id="validation", cost_lambda=lam)
+        finally:
+            close = getattr(greedy, "aclose", None)  # a served policy's HTTP client
+            if close is not None:
+                await close()
+    trajs = asyncio.run(go())
     n = max(1, len(trajs))
     return {"val_accuracy": sum(t.outcome for t in trajs) / n, "val_calls_per_task": sum(t.n_calls for t in trajs) / n,
             "val_cost_per_task": sum(t.total_cost for t in trajs) / n}
@@ -254,23 +280,31 @@ class TrainingRun:
     nothing is stored twice. Items and cost weights of an iteration are functions of (seed,
     iteration). The optimizer's moments restart at a resume. Checkpoints kept: ckpt-0 (the
     untrained policy), every validated one, and the latest.
+
+    With a served policy (`policy` backend 'openai', maestro_core.policy_config) the learner is
+    loaded from `policy.checkpoint`, rollouts are sampled by the server (spec kind "served"),
+    and the server is synced (`OpenAIPolicy.sync_weights`) to ckpt-start when the run opens
+    and to ckpt-(it+1) after each update, before validation and the next collection.
     """
 
     def __init__(self, registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store,
                  experts, config: TrainConfig, out_dir: Path, run_id: str | None = None,
                  data_version: str | None = None, registry_path: str | None = None, resume: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, policy=None):
         from maestro_core.checkpoints import load_checkpoint_policy, local_copy, run_checkpoints, save_checkpoint
+        from maestro_core.policy_config import PolicyConfig, load_learner
 
         if not train_items:
             raise ConfigError("no train items.", fix="build the suite (maestro build-dataset) or pass a train split.")
         self.registry, self.train_items, self.store, self.experts = registry, list(train_items), store, experts
         self.config, self.out_dir, self.log = config, Path(out_dir), log
+        self.policy: PolicyConfig = policy if policy is not None else PolicyConfig()
+        self.policy.check_train(config)
         self.run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
         self.registry_path = registry_path
         self.objects = store.objects
         self.meta_base = {"run_id": self.run_id, "registry_version": registry.version, "data_version": data_version,
-                          "config": asdict(config)}
+                          "config": asdict(config), **({"policy": asdict(self.policy)} if self.policy.served else {})}
         self.val = spread(val_items, config.val_items, seed=config.seed)
         self.cache = ExpertCache(store)
         self.curve: list[dict] = []
@@ -279,8 +313,11 @@ class TrainingRun:
         if done:
             last = done[-1]
             path = local_copy(last, self.out_dir / last.name, self.objects)
-            policy = load_checkpoint_policy(path, registry, temperature=config.temperature)
-            self.model, self.tokenizer = policy.model, policy.tokenizer
+            if self.policy.served:
+                self.model, self.tokenizer = load_learner(path)
+            else:
+                lm = load_checkpoint_policy(path, registry, temperature=config.temperature)
+                self.model, self.tokenizer = lm.model, lm.tokenizer
             self.curve = list(last.meta.get("curve", []))[:last.iteration]
             self.start = last.iteration
             self.checkpoints = [str(c.path or c.name) for c in done if c.iteration > 0 and c.val_accuracy is not None]
@@ -289,13 +326,22 @@ class TrainingRun:
             self.best = (best.val_accuracy, str(best.path or best.name)) if best else None
             log(f"resuming run {self.run_id} from {last.name} (iteration {self.start} of {config.iterations})")
         else:
-            from maestro_core.episode import build_messages
-            self.model, self.tokenizer, _ = build_policy(
-                registry, [it.question for it in train_items], config,
-                messages=[build_messages(registry, it, compact=True) for it in train_items])
+            if self.policy.served:  # the initial weights the server starts on
+                self.model, self.tokenizer = load_learner(self.policy.checkpoint)
+            else:
+                from maestro_core.episode import build_messages
+                # the warm-up reads the prompts as RL will show them: with a cost weight from the grid
+                lams = config.cost_lambdas if trained_with_cost(asdict(config)) else (None,)
+                self.model, self.tokenizer, _ = build_policy(
+                    registry, [it.question for it in train_items], config,
+                    messages=[build_messages(registry, it, compact=True, cost_lambda=lam)
+                              for it in train_items for lam in lams])
             self.start, self.checkpoints, self.best = 0, [], None
             save_checkpoint(self.model, self.tokenizer, self.out_dir / "ckpt-0",
                             {**self.meta_base, "iteration": 0, "metrics": {}, "curve": []}, objects=self.objects)
+        # the server samples iteration `start` with ckpt-start (also a first check of its sync endpoints)
+        self.served = self.policy.build(registry, config, tokenizer=self.tokenizer) if self.policy.served else None
+        self.sync_served(self.start)
         store.record_run(self.run_id, "train", {"config": asdict(config), "n_train": len(train_items),
                                                 "out_dir": str(self.out_dir)}, registry.version, status="running")
 
@@ -304,11 +350,13 @@ class TrainingRun:
         rng = random.Random(f"{self.config.seed}-items-{it}")
         return rng.sample(self.train_items, min(self.config.prompts_per_iteration, len(self.train_items)))
 
-    def lambdas_for(self, it: int, n: int) -> list[float] | None:
-        if not self.config.cost_lambda_max:
+    def lambdas_for(self, it: int, n_items: int) -> list[float] | None:
+        """One cost weight per episode, constant within each item's group of G (seeded by iteration)."""
+        if not trained_with_cost(asdict(self.config)):
             return None
         rng = random.Random(f"{self.config.seed}-lambda-{it}")
-        return [rng.uniform(0.0, self.config.cost_lambda_max) for _ in range(n)]
+        g = self.config.grpo.num_generations
+        return [lam for _ in range(n_items) for lam in [rng.choice(self.config.cost_lambdas)] * g]
 
     def checkpoint_path(self, it: int) -> Path:
         return self.out_dir / f"ckpt-{it}"
@@ -323,9 +371,13 @@ class TrainingRun:
                    "reward": {"cost_scale": self.config.cost_scale}}
         spec = {"kind": "learned", "checkpoint": str(self.checkpoint_path(it)), "run_id": self.run_id,
                 "temperature": self.config.temperature, "seed": self.config.seed * 100_003 + it * 1009}
+        if self.served is not None:  # no API key in it: OpenAIPolicy reads the environment
+            kw = self.policy.openai_kwargs(self.config)
+            spec = {"kind": "served", "base_url": self.served.base_url, "model": self.served.model, **kw,
+                    "checkpoint_id": f"{self.run_id}/ckpt-{it}", "seed": kw["seed"] * 100_003 + it * 1009}
         return chunk_specs(items, run_id=self.run_id, iteration=it, chunk_size=self.config.chunk_size or len(items),
                            policy_spec=spec, object_store=self.objects.uri(), registry_path=self.registry_path,
-                           group_size=g, episode=episode, cost_lambdas=self.lambdas_for(it, len(items) * g))
+                           group_size=g, episode=episode, cost_lambdas=self.lambdas_for(it, len(items)))
 
     def collect_chunk(self, spec) -> dict:
         """One chunk in this process, with the run's experts and persistent expert cache; skipped
@@ -352,7 +404,7 @@ class TrainingRun:
     def update(self, it: int, *, validate_now: bool | None = None) -> dict:
         """GRPO step from the iteration's stored episodes -> ckpt-(it+1) (validated every
         `eval_every` iterations and at the end); returns the iteration's curve row."""
-        from maestro_core.checkpoints import save_checkpoint
+        from maestro_core.checkpoints import save_checkpoint, save_weights
 
         cfg = self.config
         trajs = self.store.trajectories(self.run_id, it)
@@ -369,12 +421,17 @@ class TrainingRun:
                "collect_s": self.timing.get(it, {}).get("collect_s"), "update_s": time.perf_counter() - t1}
         if validate_now is None:
             validate_now = (it + 1) % cfg.eval_every == 0 or it == cfg.iterations - 1
+        if self.served is not None:  # the server loads the new weights before validation and the next collection
+            save_weights(self.model, self.tokenizer, self.checkpoint_path(it + 1))
+            row["sync_s"] = self.sync_served(it + 1)
         if validate_now:
-            row.update(validate(self.registry, self.model, self.tokenizer, self.val, cfg, self.experts, self.cache))
+            greedy = self.served_policy(temperature=0.0, checkpoint_id="validation") if self.served else None
+            row.update(validate(self.registry, self.model, self.tokenizer, self.val, cfg, self.experts, self.cache,
+                                policy=greedy))
         self.curve = [r for r in self.curve if r["iteration"] < it] + [row]
         ck = save_checkpoint(self.model, self.tokenizer, self.checkpoint_path(it + 1), {
             **self.meta_base, "iteration": it + 1, "metrics": row if validate_now else {}, "curve": self.curve},
-            objects=self.objects)
+            objects=self.objects, weights=self.served is None)
         self._prune(keep=it + 1)
         if validate_now:
             self.checkpoints.append(ck)
@@ -383,6 +440,21 @@ class TrainingRun:
             write_curve(self.curve, self.out_dir, self.run_id)
         self.log(_row_text(row))
         return row
+
+    def sync_served(self, k: int) -> float | None:
+        """Make the policy server serve ckpt-k (its folder, as an absolute path the server must be
+        able to read); returns the seconds it took, None without a served policy."""
+        if self.served is None:
+            return None
+        t0 = time.perf_counter()
+        self.served.sync_weights(self.checkpoint_path(k).resolve(), checkpoint_id=f"{self.run_id}/ckpt-{k}")
+        return time.perf_counter() - t0
+
+    def served_policy(self, **overrides):
+        """An OpenAIPolicy on the server as it is now (the current model name: a new LoRA adapter
+        name after each sync), with the learner's tokenizer."""
+        return self.policy.build(self.registry, self.config, model=self.served.model, tokenizer=self.tokenizer,
+                                 **overrides)
 
     def _prune(self, keep: int) -> None:
         """Drop unvalidated checkpoints other than ckpt-0 and the latest (local and object store)."""
@@ -438,11 +510,13 @@ def data_version(items: Sequence[Item]) -> str:
 
 def train_policy(registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store, experts,
                  config: TrainConfig, out_dir: Path, run_id: str | None = None, data_version: str | None = None,
-                 resume: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+                 resume: bool = True, log: Callable[[str], None] = print, policy=None) -> TrainResult:
     """The loop without an orchestrator: collect (in this process), ingest, update, per
-    iteration. The Prefect flow `train_orchestrator` runs the same TrainingRun steps as tasks."""
+    iteration. The Prefect flow `train_orchestrator` runs the same TrainingRun steps as tasks.
+    `policy`: the `policy:` section (a PolicyConfig; None: the transformers backend)."""
     run = TrainingRun(registry, train_items, val_items, store=store, experts=experts, config=config,
-                      out_dir=out_dir, run_id=run_id, data_version=data_version, resume=resume, log=log)
+                      out_dir=out_dir, run_id=run_id, data_version=data_version, resume=resume, log=log,
+                      policy=policy)
     for it in range(run.start, config.iterations):
         run.collect(it)
         run.ingest(it)

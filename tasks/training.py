@@ -20,14 +20,15 @@ from tasks.retry import RETRY
 
 @task(name="open_training_run", cache_policy=NO_CACHE)
 def open_training_run(registry, train_items, val_items, *, store, experts, config, out_dir, run_id: str,
-                      data_version: str, registry_path: str | None) -> TrainingRun:
-    """A new run (tokenizer, policy from a config, label-free LM pretraining, ckpt-0) or the
-    run resumed from its latest checkpoint."""
+                      data_version: str, registry_path: str | None, policy=None) -> TrainingRun:
+    """A new run (tokenizer, policy from a config, label-free LM pretraining, ckpt-0; or, with a
+    served `policy` section, the learner loaded from its checkpoint) or the run resumed from its
+    latest checkpoint."""
     get_run_logger().info(f"opening training run {run_id} in {out_dir}")
     # the run logs one line per iteration with print: the flow (log_prints) records it
     return TrainingRun(registry, train_items, val_items, store=store, experts=experts, config=config,
                        out_dir=out_dir, run_id=run_id, data_version=data_version, registry_path=registry_path,
-                       log=print)
+                       log=print, policy=policy)
 
 
 @task(name="collect_chunk", task_run_name="collect-{spec.run_id}-it{spec.iteration}-c{spec.chunk}",

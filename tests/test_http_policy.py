@@ -370,3 +370,22 @@ def test_gpu_paper_config_sections_build():
     assert policy.pop("backend") == "openai" and "Qwen3-VL-4B" in policy.pop("checkpoint")
     params = inspect.signature(OpenAIPolicy).parameters
     assert set(policy) <= set(params) - {"registry"}, set(policy) - set(params)
+
+
+def test_a_budget_narrows_the_served_grammar(reg):
+    """The structured-output regex sent to the server offers only the calls the budget left
+    can pay for, and only an answer when none fits."""
+    import re as _re
+
+    from maestro_core.policy import EpisodeView
+    policy = OpenAIPolicy("http://127.0.0.1:9/v1", "m", reg, record_tokens=False)
+    full = policy.turn_regex(EpisodeView("e", 0, 0, 4))
+    cheap = min(reg.experts.values(), key=lambda e: e.call_cost_estimate())
+    rx = policy.turn_regex(EpisodeView("e", 0, 0, 4, budget_left=cheap.call_cost_estimate()))
+    assert rx != full
+    for a in reg.grammar().actions:
+        ok = reg.experts[a.split("@@")[0]].call_cost_estimate() <= cheap.call_cost_estimate()
+        assert bool(_re.fullmatch(rx, f"<call>{a}</call>")) == ok, a
+    none = policy.turn_regex(EpisodeView("e", 0, 0, 4, budget_left=0.0))
+    assert not _re.fullmatch(none, f"<call>{reg.grammar().actions[0]}</call>")
+    assert _re.fullmatch(none, "<answer>7</answer>")

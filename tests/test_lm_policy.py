@@ -12,7 +12,7 @@ from maestro_core.experts import build_experts
 from maestro_core.lm_policy import LMPolicy
 from maestro_core.policy import EpisodeView, Policy
 from maestro_core.policy_model import build_tiny_model, load_policy_model
-from maestro_core.protocol import parse_action
+from maestro_core.protocol import Answer, Call, parse_action
 from maestro_core.registry import parse_registry
 from maestro_core.tokenizer import (PROTOCOL_TAGS, load_policy_tokenizer, policy_corpus, policy_extra_tokens,
                                     train_policy_tokenizer)
@@ -178,3 +178,35 @@ async def test_act_returns_parsed_turns_and_unconstrained_policy(reg, tok, model
         t = await pol_c.act(convo, EpisodeView("e", 0, 1))
         a = parse_action(t.text, reg)
         assert getattr(a, "text", "4") == "4"
+
+
+async def test_a_budget_offers_only_the_calls_it_can_pay_for(reg, tok, model):
+    """Request-time budget knob: calc costs 0.001 per call, counter 0.002. With 0.0015 left a
+    random model never samples a counter action; with nothing left it can only answer; the
+    episode runner hands the policy what the budget still allows."""
+    assert reg.affordable(reg.grammar().actions, None) == reg.grammar().actions
+    assert {a.split("@@")[0] for a in reg.affordable(reg.grammar().actions, 0.0015)} == {"calc"}
+    pol = LMPolicy(model, tok, reg, temperature=3.0, max_turn_tokens=8, forward_question=True, free_input=False)
+    msgs = build_messages(reg, ITEMS[0], cost_budget=0.0015)
+    experts_seen = set()
+    for i in range(200):
+        turn = await pol.act(msgs, EpisodeView(f"b{i}", 0, 0, 4, budget_left=0.0015))
+        action = parse_action(turn.text, reg)
+        if isinstance(action, Call):
+            experts_seen.add(action.expert)
+    assert experts_seen == {"calc"}
+    for i in range(20):
+        turn = await pol.act(msgs, EpisodeView(f"z{i}", 0, 0, 4, budget_left=0.0))
+        assert isinstance(parse_action(turn.text, reg), Answer)
+    seen = []
+
+    class Spy(LMPolicy):
+        async def act(self, messages, view):
+            seen.append(view.budget_left)
+            return await super().act(messages, view)
+
+    spy = Spy(model, tok, reg, temperature=1.0, max_turn_tokens=8, forward_question=True, free_input=False)
+    runner = EpisodeRunner(reg, build_experts(reg), spy, config=EpisodeConfig(max_turns=2, cost_budget=0.0015))
+    [t] = await runner.run(ITEMS[:1])
+    assert seen[0] == pytest.approx(0.0015) and "Budget: $0.0015" in t.prompt_text
+    assert all(s.expert in (None, "calc") for s in t.steps)
