@@ -202,6 +202,11 @@ class TurnState:
         return self.phase == "done"
 
     @property
+    def choosing_target(self) -> bool:
+        """At a token that picks (part of) the call's EXPERT@@SKILL target."""
+        return self.phase == "trie" and self.trie is self.g.targets
+
+    @property
     def remaining(self) -> int:
         return self.g.max_tokens - self.n
 

@@ -113,6 +113,12 @@ class GRPOSettings:
     bf16: bool = _f(False, "bfloat16 mixed precision (GPU).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (saves memory, costs time).")
     seed: int = _f(0, "Trainer seed (group shuffling, dropout).")
+    mask_forced_tokens: bool = _f(True, "Leave out of the loss the policy tokens the grammar forced (sampled with "
+                                        "probability 1, recorded logprob 0: tags, the close of a call, a sole answer "
+                                        "candidate, EOS). Their gradient under the constrained distribution is 0, "
+                                        "but TRL scores the unconstrained log-probability, so without this they "
+                                        "add advantage-weighted noise that outweighs the one routing token.",
+                                  trl=False)
     lora_r: int | None = _f(None, "LoRA rank via PEFT; None = full fine-tuning.", trl=False)
     lora_alpha: int = _f(16, "LoRA alpha.", trl=False)
     lora_dropout: float = _f(0.0, "LoRA dropout.", trl=False)
@@ -283,11 +289,13 @@ def _validate_row(name: str, prompt_ids: list[int], ids: list[int], mask: list[i
 
 
 def trajectories_to_rollout(trajs: Sequence[Trajectory], *, eos_token_ids: Sequence[int] | None = None,
-                            num_generations: int | None = None) -> dict[str, list]:
+                            num_generations: int | None = None, mask_forced: bool = False) -> dict[str, list]:
     """What a TRL rollout_func returns for these episodes, in order: prompt_ids, completion_ids,
     logprobs, env_mask, plus reward components and ids as extra keys (forwarded to reward
     functions). Validates lengths, the final EOS and that each group is contiguous (and of size
-    num_generations when given)."""
+    num_generations when given). `mask_forced`: the mask handed to TRL (its loss mask) is also 0
+    on policy tokens sampled with probability 1 (recorded logprob 0: the grammar left one
+    choice), see GRPOSettings.mask_forced_tokens; the trajectories' own env_mask is unchanged."""
     if not trajs:
         raise ConfigError("no trajectories.", source="grpo", fix="collect at least one group of episodes.")
     eos = set(eos_token_ids) if eos_token_ids is not None else None
@@ -307,6 +315,8 @@ def trajectories_to_rollout(trajs: Sequence[Trajectory], *, eos_token_ids: Seque
             prev = key
         runs[-1].append(t.episode_id)
         ids, mask, lps = _episode_rows(t, eos)
+        if mask_forced:
+            mask = [m if lp < 0.0 else 0 for m, lp in zip(mask, lps)]
         out["prompt_ids"].append(list(t.prompt_ids))
         out["completion_ids"].append(ids)
         out["env_mask"].append(mask)
@@ -414,7 +424,8 @@ def _trainer_eos(trainer: Any) -> list[int] | None:
 
 
 def make_rollout_func(source: Sequence[Trajectory] | RolloutBank | Callable[[list[str]], Sequence[Trajectory]],
-                      *, eos_token_ids: Sequence[int] | None = None) -> Callable[[list, Any], dict]:
+                      *, eos_token_ids: Sequence[int] | None = None,
+                      mask_forced: bool = False) -> Callable[[list, Any], dict]:
     """A TRL rollout_func. source: stored episodes (list or RolloutBank: collect -> update
     separated), or `collect(group_keys) -> episodes` called each generation batch with the unique
     group keys in order (long-lived trainer: collect with the trainer's current weights).
@@ -444,7 +455,7 @@ def make_rollout_func(source: Sequence[Trajectory] | RolloutBank | Callable[[lis
                 if was_training is not None and model.training != was_training:
                     model.train(was_training)
         trajs = b.take(prompts)
-        out = trajectories_to_rollout(trajs, eos_token_ids=eos)
+        out = trajectories_to_rollout(trajs, eos_token_ids=eos, mask_forced=mask_forced)
         if len(out["completion_ids"]) != len(prompts):  # pragma: no cover - take() guarantees it
             raise ConfigError("rollout count mismatch.", source="grpo")
         return out
@@ -526,10 +537,11 @@ class GRPOUpdater:
         if getattr(getattr(tokenizer, "tokenizer", tokenizer), "pad_token_id", None) is None:
             raise ConfigError("the tokenizer has no pad token.", source="grpo",
                               fix="set tokenizer.pad_token (e.g. to the EOS token) before training.")
+        rollout = make_rollout_func(self.bank, mask_forced=settings.mask_forced_tokens)
         self.trainer = _trainer_class(tokenizer)(model=model, reward_funcs=[reward_from_trajectory], args=config,
-                                   train_dataset=group_dataset(["maestro-group:0:placeholder"]),
-                                   processing_class=tokenizer, rollout_func=make_rollout_func(self.bank),
-                                   peft_config=settings.lora_config())
+                                                 train_dataset=group_dataset(["maestro-group:0:placeholder"]),
+                                                 processing_class=tokenizer, rollout_func=rollout,
+                                                 peft_config=settings.lora_config())
         _quiet(self.trainer)
         self.model = self.trainer.model
         self.calls = 0
@@ -629,7 +641,8 @@ def build_trainer(model: Any, tokenizer: Any, settings: GRPOSettings, output_dir
     config = settings.to_grpo_config(output_dir, **kw)
     trainer = _trainer_class(tokenizer)(model=model, reward_funcs=[reward_from_trajectory], args=config,
                                         train_dataset=group_dataset(group_keys, images), processing_class=tokenizer,
-                                        rollout_func=make_rollout_func(source), peft_config=settings.lora_config())
+                                        rollout_func=make_rollout_func(source, mask_forced=settings.mask_forced_tokens),
+                                        peft_config=settings.lora_config())
     _quiet(trainer)
     return trainer
 

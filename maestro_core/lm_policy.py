@@ -57,7 +57,7 @@ class LMPolicy:
                  forward_question: bool = False, free_input: bool = True, answer_on_last_turn: bool = False,
                  actions: Sequence[str] | None = None,
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
-                 seed: int = 0, threaded: bool = True, share_prefix: bool = True):
+                 seed: int = 0, threaded: bool = True, share_prefix: bool = True, explore: float = 0.0):
         if temperature < 0:
             raise ValueError("temperature must be >= 0 (0 = greedy).")
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
@@ -67,6 +67,12 @@ class LMPolicy:
         self.checkpoint_id = checkpoint_id
         self.max_batch_size, self.batch_window_s, self.threaded = max_batch_size, batch_window_s, threaded
         self.share_prefix = share_prefix
+        if not 0.0 <= explore < 1.0:
+            raise ValueError(f"explore must be in [0, 1), got {explore}.")
+        self.explore = explore
+        """Exploration of call targets (training rollouts): a target token is drawn from
+        (1 - explore) x the policy's distribution + explore x uniform over the allowed targets,
+        and the recorded logprob is that mixture's. 0: the policy's own distribution."""
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.eos_id
@@ -215,6 +221,12 @@ class LMPolicy:
                 logits = logits.masked_fill(~mask, float("-inf"))
             scaled = logits / self.temperature if self.temperature > 0 else logits
             logp = torch.log_softmax(scaled, dim=-1)
+            if self.explore > 0 and self.temperature > 0 and self.constraint is not None:
+                rows = [i for i in range(B) if active[i] and states[i] is not None and states[i].choosing_target]
+                if rows:
+                    allowed = mask[rows].float()
+                    mix = (1 - self.explore) * logp[rows].exp() + self.explore * allowed / allowed.sum(-1, keepdim=True)
+                    logp[rows] = mix.log()
             if self.temperature > 0:
                 nxt = torch.multinomial(logp.exp().cpu(), 1, generator=self.generator).to(dev)
             else:

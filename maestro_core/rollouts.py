@@ -8,7 +8,8 @@ process (a Dask worker, a Prefect worker). Its policy is built from a `policy_sp
     {"kind": "scripted", "rules": [["letter", "counter@@text"]], "default": "calc@@math"}
                                                                  demo router: first regex matching the
                                                                  question picks the pair, else default
-    {"kind": "learned", "checkpoint": "/home/runs/r1/ckpt-3", "run_id": "r1", "temperature": 1.0, "seed": 7}
+    {"kind": "learned", "checkpoint": "/home/runs/r1/ckpt-3", "run_id": "r1", "temperature": 1.0, "seed": 7,
+     "explore": 0.2}                                              (explore: optional, LMPolicy.explore)
                                                                  the LM policy of a checkpoint folder
                                                                  (downloaded from the chunk's object
                                                                  store when the folder is missing)
@@ -110,6 +111,7 @@ def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | N
         download(open_object_store(object_store), str(spec["run_id"]), path.name, path)
     policy = load_checkpoint_policy(path, registry, temperature=float(spec.get("temperature", 1.0)))
     policy.generator.manual_seed(int(spec.get("seed", 0)))
+    policy.explore = float(spec.get("explore", 0.0))
     return policy
 
 

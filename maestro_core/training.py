@@ -60,6 +60,10 @@ class TrainConfig:
     temperature: float = field(default=1.5, metadata={
         "help": "Sampling temperature of rollouts (= grpo.temperature). 1.5 on CPU: the routing of minority "
                 "benchmarks keeps being explored."})
+    explore: float = field(default=0.0, metadata={
+        "help": "Share of uniform exploration over the call targets in training rollouts (LMPolicy.explore): a "
+                "target is drawn from (1 - explore) x policy + explore x uniform, so a route the policy rates "
+                "low keeps being tried; validation and evaluation are greedy. 0: off."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=100, metadata={"help": "Validation items scored at each evaluation (spread over the benchmarks; 100 = the whole Maestro-Mini val split)."})
     chunk_size: int = field(default=0, metadata={
@@ -91,6 +95,9 @@ class TrainConfig:
         if self.call_input not in ("question", "free"):
             raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
                               fix="use 'question' or 'free'.")
+        if not 0.0 <= self.explore < 1.0:
+            raise ConfigError(f"explore must be in [0, 1), got {self.explore}.", field="explore",
+                              fix="use e.g. 0.2, or 0 to switch it off.")
         if any(not (lam >= 0) for lam in self.cost_lambdas):
             raise ConfigError(f"cost_lambdas {self.cost_lambdas} has a negative value.", field="cost_lambdas",
                               fix="use weights >= 0, e.g. [0, 1, 2], or [] to switch it off.")
@@ -371,6 +378,8 @@ class TrainingRun:
                    "reward": {"cost_scale": self.config.cost_scale}}
         spec = {"kind": "learned", "checkpoint": str(self.checkpoint_path(it)), "run_id": self.run_id,
                 "temperature": self.config.temperature, "seed": self.config.seed * 100_003 + it * 1009}
+        if self.config.explore:
+            spec["explore"] = self.config.explore
         if self.served is not None:  # no API key in it: OpenAIPolicy reads the environment
             kw = self.policy.openai_kwargs(self.config)
             spec = {"kind": "served", "base_url": self.served.base_url, "model": self.served.model, **kw,

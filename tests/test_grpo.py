@@ -189,6 +189,21 @@ def test_rollout_validation(tok):
     assert len(res["completion_ids"]) == 4 and res["group_key"] == keys
 
 
+def test_forced_tokens_leave_the_loss_mask_not_the_trajectory(tok):
+    """mask_forced: a policy token sampled with probability 1 (logprob 0: the grammar left one
+    choice) gets loss mask 0; decisions keep 1, observations 0; the stored env_mask is unchanged."""
+    toy = Toy(tok, make_model(tok))
+    [t] = toy.collect(0, [0], 1)
+    forced_eos = dataclasses.replace(t.steps[1], logprobs=(t.steps[1].logprobs[0], 0.0))
+    t = dataclasses.replace(t, steps=(t.steps[0], forced_eos))
+    plain = trajectories_to_rollout([t])["env_mask"][0]
+    masked = trajectories_to_rollout([t], mask_forced=True)["env_mask"][0]
+    assert plain == [1] + [0] * len(toy.obs) + [1, 1]
+    assert masked == [1] + [0] * len(toy.obs) + [1, 0]
+    assert t.env_mask() == plain
+    assert GRPOSettings().mask_forced_tokens and GRPOSettings.cpu_profile().mask_forced_tokens
+
+
 def test_env_positions_get_zero_gradient(tok, tmp_path):
     model = make_model(tok)
     toy = Toy(tok, model)

@@ -210,3 +210,31 @@ async def test_a_budget_offers_only_the_calls_it_can_pay_for(reg, tok, model):
     [t] = await runner.run(ITEMS[:1])
     assert seen[0] == pytest.approx(0.0015) and "Budget: $0.0015" in t.prompt_text
     assert all(s.expert in (None, "calc") for s in t.steps)
+
+
+def test_explore_mixes_uniform_into_call_targets_and_records_the_mixture(reg, tok, model):
+    """LMPolicy.explore: at the target position the token is drawn from (1 - e) x policy +
+    e x uniform over the allowed targets, and the recorded logprob is that mixture's; the
+    other positions are the policy's own distribution."""
+    e = 0.5
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=14, temperature=0.7, seed=3, explore=e,
+                   forward_question=True, free_input=False)
+    ctx = list(pol.encode_prompt(build_messages(reg, ITEMS[0])))
+    out = pol.generate([ctx] * 64, [pol.constraint.start() for _ in range(64)])
+    targets = set()
+    for ids, lps in out:
+        st = pol.constraint.start()
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1:-1].float()
+        for k, t in enumerate(ids):
+            m = st.mask()
+            p = torch.softmax(logits[k].masked_fill(~m, float("-inf")) / 0.7, -1)
+            if st.choosing_target:
+                p = (1 - e) * p + e * m.float() / m.sum()
+                targets.add(t)
+            assert abs(float(p[t].log()) - lps[k]) < 1e-4
+            st.advance(t)
+    # with half the mass uniform over the targets, 64 draws reach most of them
+    assert len(targets) >= min(len(reg.grammar().actions), 4)
+    with pytest.raises(ValueError, match="explore"):
+        LMPolicy(model, tok, reg, explore=1.0)
