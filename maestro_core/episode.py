@@ -97,18 +97,21 @@ class EpisodeRunner:
 
     async def run(self, items: Sequence[Item], *, group_size: int = 1, run_id: str = "adhoc", iteration: int = 0,
                   chunk: int = 0, cost_lambda: float | Callable[[int], float] | None = None,
+                  cost_budget: Callable[[int], float | None] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> list[Trajectory]:
         """Run `group_size` episodes per item, concurrently; results in (item, sample) order.
-        `cost_lambda` is a number, or a function of the episode index (sampled per episode)."""
+        `cost_lambda` is a number, or a function of the episode index (sampled per episode);
+        `cost_budget` a function of the episode index giving its budget (None: the config's)."""
         sem = asyncio.Semaphore(self.config.max_concurrency)
         total, done = len(items) * group_size, 0
 
         async def one(k: int, item: Item, s: int) -> Trajectory:
             nonlocal done
             lam = cost_lambda(k) if callable(cost_lambda) else cost_lambda
+            budget = cost_budget(k) if cost_budget is not None else None
             async with sem:
                 t = await self.run_episode(item, run_id=run_id, iteration=iteration, chunk=chunk,
-                                           sample_index=s, cost_lambda=lam)
+                                           sample_index=s, cost_lambda=lam, cost_budget=budget)
             done += 1
             if progress:
                 progress(done, total)
@@ -121,11 +124,14 @@ class EpisodeRunner:
             self.cache.flush()
 
     async def run_episode(self, item: Item, *, run_id: str = "adhoc", iteration: int = 0, chunk: int = 0,
-                          sample_index: int = 0, cost_lambda: float | None = None) -> Trajectory:
+                          sample_index: int = 0, cost_lambda: float | None = None,
+                          cost_budget: float | None = None) -> Trajectory:
+        """One episode; `cost_budget` overrides the config's budget for it (None: the config's)."""
         cfg = self.config
         lam = cfg.reward.cost_lambda if cost_lambda is None else cost_lambda
+        budget = cfg.cost_budget if cost_budget is None else cost_budget
         eid = episode_id(run_id, iteration, item.id, sample_index)
-        messages = build_messages(self.registry, item, cost_budget=cfg.cost_budget,
+        messages = build_messages(self.registry, item, cost_budget=budget,
                                   cost_lambda=lam if cost_lambda is not None else None, compact=cfg.compact_prompt)
         prompt_ids = tuple(self.policy.encode_prompt(messages))
         steps: list[StepRecord] = []
@@ -134,7 +140,7 @@ class EpisodeRunner:
         spent_cost = 0.0
         n_invalid = 0
         for turn in range(cfg.max_turns):
-            left = None if cfg.cost_budget is None else max(0.0, cfg.cost_budget - spent_cost)
+            left = None if budget is None else max(0.0, budget - spent_cost)
             pt = await self.policy.act(messages, EpisodeView(eid, sample_index, turn, cfg.max_turns, left,
                                                              images=tuple(item.images)))
             rec = dict(turn=turn, text=pt.text, completion_ids=tuple(pt.token_ids), logprobs=tuple(pt.logprobs))
@@ -151,7 +157,7 @@ class EpisodeRunner:
                     break
                 if not action.input:  # a call without input forwards the task's question
                     action = replace(action, input=item.question)
-                rec.update(await self._call(action, item.images, spent_cost))
+                rec.update(await self._call(action, item.images, spent_cost, budget))
                 spent_cost += rec.get("cost", 0.0)
             last = turn == cfg.max_turns - 1
             obs_msg = {"role": "user", "content": rec["observation"]}
@@ -176,10 +182,9 @@ class EpisodeRunner:
             spent_s=sum(s.spent_s for s in steps), n_calls=len(calls),
             n_cache_hits=sum(1 for s in calls if s.cache_hit), created_at=time.time())
 
-    async def _call(self, call: Call, images: Sequence[str], spent_cost: float) -> dict:
+    async def _call(self, call: Call, images: Sequence[str], spent_cost: float, budget: float | None) -> dict:
         """Run one call; return the step fields it decides (never raises for expert trouble)."""
         base = dict(action="call", expert=call.expert, skill=call.skill, call_input=call.input)
-        budget = self.config.cost_budget
         if budget is not None and spent_cost >= budget:
             msg = f"the episode's budget (${budget:g}) is spent; answer now."
             return {**base, "error": "budget", "error_message": msg, "observation": error_observation(msg),

@@ -64,6 +64,9 @@ class ChunkSpec:
     """EpisodeConfig fields (max_turns, call_timeout_s, ...)."""
     cost_lambdas: tuple[float, ...] | None = None
     """Cost weight of each episode (items x group_size, in order), shown in its prompt; None: off."""
+    cost_budgets: tuple[float | None, ...] | None = None
+    """Cost budget of each episode (None inside: no budget), shown in its prompt and enforced by
+    the grammar and the runner; None: the episode config's."""
 
 
 def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | None = None):
@@ -150,7 +153,7 @@ def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Re
     registry = registry or load_registry(spec.registry_path or DEFAULT_REGISTRY)
     policy = build_policy(spec.policy_spec, registry, spec.object_store)
     config = build(EpisodeConfig, dict(spec.episode), section="episode")
-    lams = spec.cost_lambdas
+    lams, budgets = spec.cost_lambdas, spec.cost_budgets
 
     async def go():
         own = experts is None
@@ -159,7 +162,8 @@ def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Re
             runner = EpisodeRunner(registry, backends, policy, cache=cache or ExpertCache(None), config=config)
             return await runner.run(list(spec.items), group_size=spec.group_size, run_id=spec.run_id,
                                     iteration=spec.iteration, chunk=spec.chunk,
-                                    cost_lambda=(lambda k: lams[k]) if lams else None)
+                                    cost_lambda=(lambda k: lams[k]) if lams else None,
+                                    cost_budget=(lambda k: budgets[k]) if budgets else None)
         finally:
             close = getattr(policy, "aclose", None)  # a served policy's HTTP client
             if close is not None:
@@ -177,10 +181,11 @@ def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Re
 
 def chunk_specs(items: list[Item], *, run_id: str, iteration: int, chunk_size: int, policy_spec: dict[str, Any],
                 object_store: str, registry_path: str | None, group_size: int = 1,
-                episode: dict[str, Any] | None = None, cost_lambdas: list[float] | None = None) -> list[ChunkSpec]:
-    """Split items into chunks of `chunk_size` (chunk = index; deterministic). `cost_lambdas`
-    (one per episode, items x group_size in order) are split along; a learned or served policy's
-    seed is offset by the chunk index."""
+                episode: dict[str, Any] | None = None, cost_lambdas: list[float] | None = None,
+                cost_budgets: list[float | None] | None = None) -> list[ChunkSpec]:
+    """Split items into chunks of `chunk_size` (chunk = index; deterministic). `cost_lambdas` and
+    `cost_budgets` (one per episode, items x group_size in order) are split along; a learned or
+    served policy's seed is offset by the chunk index."""
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}.", field="chunk_size", fix="use e.g. 16.")
     out = []
@@ -189,9 +194,11 @@ def chunk_specs(items: list[Item], *, run_id: str, iteration: int, chunk_size: i
         if spec.get("kind") in ("learned", "served"):
             spec["seed"] = int(spec.get("seed", 0)) + k
         lams = tuple(cost_lambdas[i * group_size:(i + chunk_size) * group_size]) if cost_lambdas else None
+        budgets = tuple(cost_budgets[i * group_size:(i + chunk_size) * group_size]) if cost_budgets else None
         out.append(ChunkSpec(run_id=run_id, iteration=iteration, chunk=k, items=tuple(items[i:i + chunk_size]),
                              policy_spec=spec, object_store=object_store, registry_path=registry_path,
-                             group_size=group_size, episode=dict(episode or {}), cost_lambdas=lams))
+                             group_size=group_size, episode=dict(episode or {}), cost_lambdas=lams,
+                             cost_budgets=budgets))
     return out
 
 

@@ -77,6 +77,13 @@ class TrainConfig:
                 "the weight; use the request-time budget instead). With cost_scale 0.05 the best route of a "
                 "Maestro-Mini benchmark changes between 0 and 2."})
     cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
+    cost_budgets: tuple[float, ...] = field(default=(0.02, 0.005), metadata={
+        "help": "Per-task cost budgets (USD) to train with, so the request-time budget knob (`maestro eval "
+                "--budget`) meets prompts the policy knows: a group gets one of them (drawn uniformly) with "
+                "probability budget_share, shown in its prompt ('Budget: $0.02') and enforced by the grammar (only "
+                "calls it can pay for are offered); other groups have no budget. (): off."})
+    budget_share: float = field(default=0.5, metadata={
+        "help": "Share of training groups with a budget from cost_budgets."})
     seed: int = field(default=0, metadata={"help": "Seed of item sampling, model init and sampling."})
     grpo: GRPOSettings = field(default_factory=GRPOSettings.cpu_profile, metadata={"help": "GRPO settings."})
 
@@ -98,6 +105,9 @@ class TrainConfig:
         if not 0.0 <= self.explore < 1.0:
             raise ConfigError(f"explore must be in [0, 1), got {self.explore}.", field="explore",
                               fix="use e.g. 0.2, or 0 to switch it off.")
+        if any(not (b > 0) for b in self.cost_budgets) or not 0.0 <= self.budget_share <= 1.0:
+            raise ConfigError(f"cost_budgets {self.cost_budgets} / budget_share {self.budget_share} out of range.",
+                              field="cost_budgets", fix="use budgets > 0 (USD per task) and a share in [0, 1].")
         if any(not (lam >= 0) for lam in self.cost_lambdas):
             raise ConfigError(f"cost_lambdas {self.cost_lambdas} has a negative value.", field="cost_lambdas",
                               fix="use weights >= 0, e.g. [0, 1, 2], or [] to switch it off.")
@@ -339,10 +349,11 @@ class TrainingRun:
                 from maestro_core.episode import build_messages
                 # the warm-up reads the prompts as RL will show them: with a cost weight from the grid
                 lams = config.cost_lambdas if trained_with_cost(asdict(config)) else (None,)
+                budgets = (None, *config.cost_budgets) if config.budget_share else (None,)
                 self.model, self.tokenizer, _ = build_policy(
                     registry, [it.question for it in train_items], config,
-                    messages=[build_messages(registry, it, compact=True, cost_lambda=lam)
-                              for it in train_items for lam in lams])
+                    messages=[build_messages(registry, it, compact=True, cost_lambda=lam, cost_budget=b)
+                              for it in train_items for lam in lams for b in budgets])
             self.start, self.checkpoints, self.best = 0, [], None
             save_checkpoint(self.model, self.tokenizer, self.out_dir / "ckpt-0",
                             {**self.meta_base, "iteration": 0, "metrics": {}, "curve": []}, objects=self.objects)
@@ -365,6 +376,16 @@ class TrainingRun:
         g = self.config.grpo.num_generations
         return [lam for _ in range(n_items) for lam in [rng.choice(self.config.cost_lambdas)] * g]
 
+    def budgets_for(self, it: int, n_items: int) -> list[float | None] | None:
+        """One cost budget per episode (None: no budget), constant within each item's group."""
+        cfg = self.config
+        if not cfg.cost_budgets or not cfg.budget_share:
+            return None
+        rng = random.Random(f"{cfg.seed}-budget-{it}")
+        g = cfg.grpo.num_generations
+        return [b for _ in range(n_items)
+                for b in [rng.choice(cfg.cost_budgets) if rng.random() < cfg.budget_share else None] * g]
+
     def checkpoint_path(self, it: int) -> Path:
         return self.out_dir / f"ckpt-{it}"
 
@@ -386,7 +407,8 @@ class TrainingRun:
                     "checkpoint_id": f"{self.run_id}/ckpt-{it}", "seed": kw["seed"] * 100_003 + it * 1009}
         return chunk_specs(items, run_id=self.run_id, iteration=it, chunk_size=self.config.chunk_size or len(items),
                            policy_spec=spec, object_store=self.objects.uri(), registry_path=self.registry_path,
-                           group_size=g, episode=episode, cost_lambdas=self.lambdas_for(it, len(items)))
+                           group_size=g, episode=episode, cost_lambdas=self.lambdas_for(it, len(items)),
+                           cost_budgets=self.budgets_for(it, len(items)))
 
     def collect_chunk(self, spec) -> dict:
         """One chunk in this process, with the run's experts and persistent expert cache; skipped

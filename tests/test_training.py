@@ -16,7 +16,7 @@ def test_two_iterations_store_update_and_checkpoint(registry_dict, tmp_path):
     reg = parse_registry(registry_dict)
     items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(6)]
     cfg = TrainConfig(iterations=2, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
-                      eval_every=2, val_items=3, cost_lambdas=(0.0, 0.5, 1.0),
+                      eval_every=2, val_items=3, cost_lambdas=(0.0, 0.5, 1.0), budget_share=0.7,
                       grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
     with Store(tmp_path / "home") as store:
         res = train_policy(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
@@ -30,6 +30,14 @@ def test_two_iterations_store_update_and_checkpoint(registry_dict, tmp_path):
         for t in trajs:
             groups.setdefault(t.item_id, set()).add(t.cost_lambda)
         assert all(len(v) == 1 for v in groups.values())
+        # request-time budgets are trained too: per group, in the prompt, none for the other groups
+        budgets = {}
+        for t in trajs:
+            line = next((x for x in t.prompt_text.splitlines() if x.startswith("Budget: $")), None)
+            budgets.setdefault(t.item_id, set()).add(line)
+        assert all(len(v) == 1 for v in budgets.values())
+        seen = {b for v in budgets.values() for b in v}
+        assert {"Budget: $0.02", "Budget: $0.005", None} >= seen and seen - {None}
     assert [r["iteration"] for r in res.curve] == [0, 1] and "val_accuracy" in res.curve[1]
     assert res.checkpoints and (tmp_path / "run" / "ckpt-2" / "config.json").exists()
     assert json.loads((tmp_path / "run" / "curve.json").read_text())[0]["mean_reward"] == res.curve[0]["mean_reward"]
