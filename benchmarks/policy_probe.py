@@ -37,14 +37,15 @@ def main() -> None:
     from maestro_core.episode import build_messages
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
     from maestro_core.suite import load_suite
-    from maestro_core.training import TrainConfig, build_policy
+    from maestro_core.training import TrainConfig, build_policy, warmup_messages
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--home", required=True, help="a home holding the Maestro-Mini suite")
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder for the routing probe")
     p.add_argument("--small", action="store_true", help="20 warm-up steps, 40 items")
-    p.add_argument("--cost-lambdas", type=float, nargs="*", default=[0.0],
-                   help="cost weights shown in the prompt for the routing probe (one table each)")
+    p.add_argument("--cost-lambdas", type=float, nargs="*", default=[],
+                   help="cost weights shown in the prompt for the routing probe, one table each (default: one "
+                        "table without a weight, as a checkpoint trained without one sees its prompts)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     started = time.perf_counter()
@@ -52,10 +53,8 @@ def main() -> None:
     items = load_suite(args.home, split="train")
     if args.small:
         items = items[::max(1, len(items) // 40)]
-    cfg0 = TrainConfig()
-    grid = cfg0.cost_lambdas or (None,)  # the warm-up reads prompts as RL shows them: each weight of the grid
-    warm_msgs = [build_messages(reg, it, compact=True, cost_lambda=lam) for it in items for lam in grid]
-    msgs = [build_messages(reg, it, compact=True, cost_lambda=grid[0]) for it in items]
+    warm_msgs = warmup_messages(reg, items, TrainConfig())  # the prompts as the default's warm-up reads them
+    msgs = [build_messages(reg, it, compact=True) for it in items]
 
     def separation(steps: int) -> dict:
         cfg = TrainConfig(pretrain_steps=steps)
@@ -86,7 +85,7 @@ def main() -> None:
         ids = [tok.convert_tokens_to_ids(a) for a in pol.actions]
         call = tok("<call>", add_special_tokens=False)["input_ids"]
         res["routing"] = {}
-        for lam in args.cost_lambdas:
+        for lam in args.cost_lambdas or [None]:
             routing = {}
             for it in items:
                 if it.benchmark in routing:
@@ -97,8 +96,8 @@ def main() -> None:
                 pr = logits[ids].softmax(-1)
                 top = pr.topk(min(3, len(ids)))
                 routing[it.benchmark] = [(pol.actions[i], round(float(v), 3)) for v, i in zip(top.values, top.indices)]
-            res["routing"][f"{lam:g}"] = routing
-            print(f"\nfirst action at cost weight {lam:g}, top 3 per benchmark:")
+            res["routing"]["none" if lam is None else f"{lam:g}"] = routing
+            print("\nfirst action" + ("" if lam is None else f" at cost weight {lam:g}") + ", top 3 per benchmark:")
             for b, r in sorted(routing.items()):
                 print(f"  {b:13} " + ", ".join(f"{a} {p:.2f}" for a, p in r))
     write_result("policy_probe", args, res, started)

@@ -122,7 +122,7 @@ def _runs(args) -> int:
 def _ask(args) -> int:
     from maestro_core.ask import ask, format_answer
     res = ask(args.question, images=args.image or (), checkpoint=args.checkpoint, home=args.home,
-              registry_path=args.registry, cost_lambda=args.cost_lambda)
+              registry_path=args.registry, cost_lambda=args.cost_lambda, budget=args.budget)
     print(format_answer(res))
     return 0
 
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     ak.add_argument("--checkpoint", default="best", help="best | latest | RUN_ID/ckpt-N | DIR (default best)")
     ak.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
     ak.add_argument("--cost-lambda", type=float, default=None, help="cost weight shown to the policy")
+    ak.add_argument("--budget", type=float, default=None,
+                    help="cost budget for the task (USD): only the calls it can pay for are offered")
     ak.set_defaults(func=_ask)
 
     rn = sub.add_parser("runs", help="list runs with their checkpoints and results")

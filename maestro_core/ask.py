@@ -30,7 +30,10 @@ class AskResult:
 
 
 def ask(question: str, *, images: Sequence[str | Path] = (), checkpoint: str = "best", home: str | Path | None = None,
-        registry_path: str | Path | None = None, cost_lambda: float | None = None) -> AskResult:
+        registry_path: str | Path | None = None, cost_lambda: float | None = None,
+        budget: float | None = None) -> AskResult:
+    """Answer one question with a trained checkpoint (greedy); `budget`: the per-task cost
+    budget (the prompt states it, the grammar offers only calls it can pay for)."""
     from maestro_core.cache import ExpertCache
     from maestro_core.checkpoints import load_checkpoint_policy, read_meta, resolve_checkpoint
     from maestro_core.episode import EpisodeRunner
@@ -38,6 +41,7 @@ def ask(question: str, *, images: Sequence[str | Path] = (), checkpoint: str = "
     from maestro_core.experts import build_experts
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
     from maestro_core.store import Store
+    from maestro_core.training import trained_with_cost
 
     if not question.strip():
         raise ConfigError("the question is empty.", field="question", fix="pass the question as text.")
@@ -60,8 +64,11 @@ def ask(question: str, *, images: Sequence[str | Path] = (), checkpoint: str = "
         policy = load_checkpoint_policy(path, registry, temperature=0.0)
         experts = build_experts(registry)
         cache = ExpertCache(store)
+        meta = read_meta(path)
+        if cost_lambda is None and trained_with_cost(meta.get("config", {})):
+            cost_lambda = 0.0  # trained with a cost weight in every prompt: show it, at 0
         runner = EpisodeRunner(registry, experts, policy, cache=cache,
-                               config=checkpoint_episode_config(read_meta(path)))
+                               config=checkpoint_episode_config(meta, budget=budget))
         run_id = "ask"
         n_before = store.count_episodes(run_id)  # each question is one iteration of the run `ask`
         store.record_run(run_id, "ask", {"checkpoint": str(path)}, registry.version, status="running")

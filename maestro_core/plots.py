@@ -413,3 +413,33 @@ def training_curve_plot(curve: Sequence[Mapping], path: str | Path, *, title: st
                 _empty(a, "no iterations yet")
     fig.suptitle(title or "training curves")
     return _save(fig, path)
+
+
+def cost_knob_plot(points: Sequence[Mapping], baselines: Mapping[str, Mapping], path: str | Path, *,
+                   title: str = "") -> Path:
+    """The request-time cost knob: the policy's accuracy against cost per task at each setting
+    (`points`: dicts with label, accuracy, cost_per_task), joined in order, beside the
+    baselines' points (name -> metrics with accuracy and cost_per_task); log-x."""
+    fig = _figure(9, 6)
+    ax = fig.add_subplot()
+    fig.suptitle(title or "Accuracy vs cost per task at each request-time setting", fontsize=13)
+    if not points:
+        _empty(ax, "no settings were evaluated")
+        return _save(fig, path)
+    xs = [max(float(p["cost_per_task"]), 1e-5) for p in points]
+    ys = [float(p["accuracy"]) for p in points]
+    ax.plot(xs, ys, "-o", color="#1f77b4", lw=2, ms=8, label="policy (one checkpoint)", zorder=3)
+    for x, y, p in zip(xs, ys, points):
+        ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(8, -4), fontsize=10)
+    for name, m in baselines.items():
+        x, y = max(float(m.get("cost_per_task", 0.0)), 1e-5), float(m.get("accuracy", 0.0))
+        ax.plot([x], [y], "s", color="#7f7f7f", ms=7, zorder=2)
+        ax.annotate(short_name(name), (x, y), textcoords="offset points", xytext=(8, 4), fontsize=9,
+                    color="#444444")
+    ax.set_xscale("log")
+    ax.set_xlabel("cost per task $ (log)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)

@@ -201,6 +201,17 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
     return losses
 
 
+def warmup_messages(registry: Registry, items: Sequence[Item], config: TrainConfig) -> list[list[dict]]:
+    """The first-turn prompts the warm-up reads, as RL will show them: each item with every
+    cost weight of the grid (when trained with one) and without and with each training budget."""
+    from maestro_core.episode import build_messages
+
+    lams = config.cost_lambdas if trained_with_cost(asdict(config)) else (None,)
+    budgets = (None, *config.cost_budgets) if config.budget_share else (None,)
+    return [build_messages(registry, it, compact=True, cost_lambda=lam, cost_budget=b)
+            for it in items for lam in lams for b in budgets]
+
+
 def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None,
                  messages: Sequence[Sequence[dict]] = ()):
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
@@ -346,14 +357,8 @@ class TrainingRun:
             if self.policy.served:  # the initial weights the server starts on
                 self.model, self.tokenizer = load_learner(self.policy.checkpoint)
             else:
-                from maestro_core.episode import build_messages
-                # the warm-up reads the prompts as RL will show them: with a cost weight from the grid
-                lams = config.cost_lambdas if trained_with_cost(asdict(config)) else (None,)
-                budgets = (None, *config.cost_budgets) if config.budget_share else (None,)
-                self.model, self.tokenizer, _ = build_policy(
-                    registry, [it.question for it in train_items], config,
-                    messages=[build_messages(registry, it, compact=True, cost_lambda=lam, cost_budget=b)
-                              for it in train_items for lam in lams for b in budgets])
+                self.model, self.tokenizer, _ = build_policy(registry, [it.question for it in train_items], config,
+                                                             messages=warmup_messages(registry, train_items, config))
             self.start, self.checkpoints, self.best = 0, [], None
             save_checkpoint(self.model, self.tokenizer, self.out_dir / "ckpt-0",
                             {**self.meta_base, "iteration": 0, "metrics": {}, "curve": []}, objects=self.objects)

@@ -92,3 +92,16 @@ def test_heatmap_systems_policies_first_else_oracle_and_routers():
 def test_pareto_frontier():
     pts = [(0.01, 0.5), (0.001, 0.2), (0.02, 0.4), (0.001, 0.1), (0.05, 0.9), (0.05, 0.9)]
     assert pareto_frontier(pts) == [1, 0, 4]
+
+
+def test_cost_knob_plot_draws_the_settings_and_baselines(tmp_path):
+    from maestro_core.plots import cost_knob_plot
+
+    points = [{"label": "no budget", "accuracy": 0.84, "cost_per_task": 0.024},
+              {"label": "budget $0.02", "accuracy": 0.65, "cost_per_task": 0.0044},
+              {"label": "budget $0.005", "accuracy": 0.40, "cost_per_task": 0.0}]  # a $0 point stays drawable
+    base = {"oracle": {"accuracy": 0.93, "cost_per_task": 0.01}, "router:mlp": {"accuracy": 0.8, "cost_per_task": 0.009}}
+    for name, pts in (("knob.png", points), ("empty.png", [])):
+        out = cost_knob_plot(pts, base, tmp_path / name)
+        with Image.open(out) as im:
+            assert im.format == "PNG" and im.width > 400 and im.height > 300

@@ -78,6 +78,11 @@ def test_maestro_train_runs_the_flow_and_evaluates(tmp_path):
     episode = asked.stdout.split("maestro trace ")[1].split()[0]
     traced = subprocess.run(cmd + ["trace", episode], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert traced.returncode == 0 and episode in traced.stdout, traced.stderr
+    # a budget that pays for no call: the grammar offers only the answer
+    broke = subprocess.run(cmd + ["ask", "What is 17 * 23?", "--registry", str(tmp_path / "tiny.yaml"),
+                                  "--budget", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert broke.returncode == 0, broke.stderr
+    assert "0 expert call(s)" in broke.stdout and "1. answer:" in broke.stdout
 
 
 @pytest.mark.slow
