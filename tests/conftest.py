@@ -42,6 +42,14 @@ BASE_REGISTRY = {
 }
 
 
+def python_only_registry():
+    """BASE_REGISTRY without the HTTP LLM expert and its chat skill: in-process experts only."""
+    d = copy.deepcopy(BASE_REGISTRY)
+    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
+    d["skills"] = [s for s in d["skills"] if s["name"] != "chat"]
+    return parse_registry(d, source="unit.yaml")
+
+
 @pytest.fixture
 def registry_dict():
     return copy.deepcopy(BASE_REGISTRY)

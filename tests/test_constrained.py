@@ -1,6 +1,5 @@
 """Grammar-constrained action decoding: every sampled turn parses, within its token budget."""
 
-import copy
 
 import pytest
 import torch
@@ -10,21 +9,13 @@ from maestro_core.errors import ConfigError
 from maestro_core.lm_policy import LMPolicy
 from maestro_core.policy_model import build_tiny_model
 from maestro_core.protocol import Answer, Call, parse_action
-from maestro_core.registry import parse_registry
 from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
-from tests.conftest import BASE_REGISTRY
-
-
-def _registry():
-    d = copy.deepcopy(BASE_REGISTRY)
-    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
-    d["skills"] = [s for s in d["skills"] if s["name"] != "chat"]
-    return parse_registry(d, source="unit.yaml")
+from tests.conftest import python_only_registry
 
 
 @pytest.fixture(scope="module")
 def reg():
-    return _registry()
+    return python_only_registry()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ with its sampling logprob, plus `prompt_token_ids` when asked (`return_token_ids
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import re
@@ -29,10 +28,10 @@ from maestro_core.http_policy import ANSWER_ONLY_REGEX, OpenAIPolicy
 from maestro_core.policy import EpisodeView, Policy
 from maestro_core.policy_model import build_tiny_model
 from maestro_core.protocol import Answer, parse_action
-from maestro_core.registry import load_registry, parse_registry
+from maestro_core.registry import load_registry
 from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
 from maestro_core.training import TrainConfig
-from tests.conftest import BASE_REGISTRY
+from tests.conftest import python_only_registry
 from tests.openai_server import OpenAIServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +48,7 @@ def _no_ambient_keys(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reg():
-    d = copy.deepcopy(BASE_REGISTRY)
-    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
-    d["skills"] = [s for s in d["skills"] if s["name"] != "chat"]
-    return parse_registry(d, source="unit.yaml")
+    return python_only_registry()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The learned policy: tokenizer, tiny model, exact token accounting, logprobs, micro-batching."""
 
 import asyncio
-import copy
 
 import pytest
 import torch
@@ -13,10 +12,9 @@ from maestro_core.lm_policy import LMPolicy
 from maestro_core.policy import EpisodeView, Policy
 from maestro_core.policy_model import build_tiny_model, load_policy_model
 from maestro_core.protocol import Answer, Call, parse_action
-from maestro_core.registry import parse_registry
 from maestro_core.tokenizer import (PROTOCOL_TAGS, load_policy_tokenizer, policy_corpus, policy_extra_tokens,
                                     train_policy_tokenizer)
-from tests.conftest import BASE_REGISTRY
+from tests.conftest import python_only_registry
 
 ITEMS = [Item(id=f"m{i}", benchmark="math", question=f"What is {i} + {i * 3}?", answer=str(4 * i), scorer="numeric")
          for i in range(1, 9)]
@@ -24,10 +22,7 @@ ITEMS = [Item(id=f"m{i}", benchmark="math", question=f"What is {i} + {i * 3}?", 
 
 @pytest.fixture(scope="module")
 def reg():
-    d = copy.deepcopy(BASE_REGISTRY)
-    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
-    d["skills"] = [s for s in d["skills"] if s["name"] != "chat"]
-    return parse_registry(d, source="unit.yaml")
+    return python_only_registry()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ CPU environment must not have, so it runs in the GPU environment and is skipped 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 
@@ -25,9 +24,8 @@ from maestro_core.grpo import (GRPOSettings, group_dataset, group_key, grpo_upda
                                prompt_group_key)
 from maestro_core.multimodal import VLMPolicy, multimodal_messages, split_descriptors, text_parts  # noqa: E402
 from maestro_core.policy import EpisodeView, Policy, ScriptedPolicy  # noqa: E402
-from maestro_core.registry import parse_registry  # noqa: E402
 from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer  # noqa: E402
-from tests.conftest import BASE_REGISTRY  # noqa: E402
+from tests.conftest import python_only_registry  # noqa: E402
 
 NO_TORCHVISION = ("Qwen2-VL processors need torchvision (their video processor), which the CPU environment must not "
                   "have; runs in the GPU environment")
@@ -45,10 +43,7 @@ def vlm_template(image_markup: str) -> str:
 
 @pytest.fixture(scope="module")
 def reg():
-    d = copy.deepcopy(BASE_REGISTRY)
-    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
-    d["skills"] = [s for s in d["skills"] if s["name"] != "chat"]
-    return parse_registry(d, source="unit.yaml")
+    return python_only_registry()
 
 
 def write_png(path, size, color):
