@@ -365,8 +365,9 @@ class TrainingRun:
         # the server samples iteration `start` with ckpt-start (also a first check of its sync endpoints)
         self.served = self.policy.build(registry, config, tokenizer=self.tokenizer) if self.policy.served else None
         self.sync_served(self.start)
-        store.record_run(self.run_id, "train", {"config": asdict(config), "n_train": len(train_items),
-                                                "out_dir": str(self.out_dir)}, registry.version, status="running")
+        store.record_run(self.run_id, "train", {"config": asdict(config), "policy": served_section(self.policy),
+                                                "n_train": len(train_items), "out_dir": str(self.out_dir)},
+                         registry.version, status="running")
 
     # -- what an iteration collects --------------------------------------------------------------
     def items_for(self, it: int) -> list[Item]:
@@ -514,19 +515,30 @@ class TrainingRun:
                            self.best[0] if self.best else None)
 
 
+def served_section(policy) -> dict | None:
+    """The `policy:` section a run records (JSON-plain) when it trains a served policy; None
+    for the in-process policy."""
+    if policy is None or not getattr(policy, "served", False):
+        return None
+    return json.loads(json.dumps(asdict(policy), default=str))
+
+
 def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: bool = False,
-               out_dir: Path | None = None, registry_version: str | None = None) -> tuple[str, Path]:
+               out_dir: Path | None = None, registry_version: str | None = None, policy=None) -> tuple[str, Path]:
     """The run to train and its folder. Resume by default: without `run_id`, the newest
-    unfinished training run with the same config (and registry version, when given) goes on.
-    `fresh`: a new run, or `run_id`'s folder and stored checkpoints deleted first."""
+    unfinished training run with the same train config and `policy:` section (and registry
+    version, when given) goes on. `fresh`: a new run, or `run_id`'s folder and stored
+    checkpoints deleted first."""
     import shutil
 
     from maestro_core.checkpoints import PREFIX
 
     if run_id is None and not fresh:
         same = json.loads(json.dumps(asdict(config), default=str))
+        same_policy = served_section(policy)
         open_runs = [r for r in store.runs("train") if r["status"] != "completed"
                      and (r.get("config") or {}).get("config") == same
+                     and (r.get("config") or {}).get("policy") == same_policy
                      and (registry_version is None or r.get("registry_version") == registry_version)]
         run_id = open_runs[-1]["run_id"] if open_runs else None
     run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"

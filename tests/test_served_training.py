@@ -202,3 +202,22 @@ def test_served_rollout_spec_refuses_unknown_keys(reg, tok_dir):  # noqa: F811
         build_rollout_policy({**spec, "api_key": "sk-x"}, reg)
     with pytest.raises(ConfigError, match="policy_spec.base_url"):
         build_rollout_policy({"kind": "served", "model": "m"}, reg)
+
+
+def test_resume_matches_the_policy_section_too(tmp_path):
+    """An unfinished run resumes only under the same train config AND the same `policy:` section:
+    a run trained against another server or checkpoint is not continued by accident."""
+    from dataclasses import asdict
+
+    from maestro_core.training import choose_run, served_section
+
+    cfg = TrainConfig(iterations=2)
+    a = PolicyConfig(backend="openai", checkpoint=str(tmp_path / "ck"), base_url="http://127.0.0.1:8000/v1")
+    b = PolicyConfig(backend="openai", checkpoint=str(tmp_path / "other"), base_url="http://127.0.0.1:8000/v1")
+    with Store(tmp_path / "home") as store:
+        store.record_run("served-a", "train", {"config": json.loads(json.dumps(asdict(cfg), default=str)),
+                                               "policy": served_section(a)}, "v", status="running")
+        assert choose_run(store, cfg, policy=a)[0] == "served-a"
+        assert choose_run(store, cfg, policy=b)[0] != "served-a"
+        assert choose_run(store, cfg)[0] != "served-a"  # the in-process policy: a run of its own
+    assert served_section(PolicyConfig()) is None and served_section(None) is None
