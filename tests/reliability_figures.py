@@ -14,6 +14,7 @@ _LOCK = threading.Lock()
 
 @pytest.fixture
 def figures(request, tmp_path_factory):
+    """A dict the test fills; written under the test's id to <basetemp>/reliability.json."""
     out: dict = {}
     yield out
     path = tmp_path_factory.getbasetemp() / "reliability.json"

@@ -52,14 +52,15 @@ def registry_for(servers):
     })
 
 
-def items(n=200):
+def items(n=200, *, unique=False):
+    """Three kinds of question; `unique`: every question different (no call answered from the cache)."""
     out = []
     for i in range(n):
         kind = i % 3
         if kind == 0:
             out.append(Item(f"a{i}", "add", f"Add {i} and {i + 7}", str(2 * i + 7), "numeric"))
         elif kind == 1:
-            words = " ".join(["w"] * (1 + i % 9))
+            words = " ".join([f"w{i}" if unique else "w"] * (1 + i % 9))
             out.append(Item(f"c{i}", "count", f"How many words in '{words}'?", str(1 + i % 9), "numeric"))
         else:
             out.append(Item(f"u{i}", "upper", f"Upper-case 'item {i}'", f"ITEM {i}", "exact"))

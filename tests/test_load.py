@@ -32,8 +32,8 @@ from maestro_core.policy import ScriptedPolicy
 from maestro_core.store import Store
 from tests.openai_server import OpenAIServer
 from tests.reliability_figures import figures  # noqa: F401 (fixture)
-from maestro_core.dataset import Item
-from tests.test_concurrent_episodes import LATENCY, add_expert, count_expert, registry_for, route, upper_expert
+from tests.test_concurrent_episodes import (LATENCY, add_expert, count_expert, items, registry_for, route,
+                                            upper_expert)
 
 N_EPISODES = 1000
 ROUNDS = 4
@@ -84,22 +84,6 @@ class InFlight:
         return text
 
 
-def items(n: int) -> list[Item]:
-    """test_concurrent_episodes' three kinds of question, every one different (so no call is
-    answered from the cache)."""
-    out = []
-    for i in range(n):
-        kind = i % 3
-        if kind == 0:
-            out.append(Item(f"a{i}", "add", f"Add {i} and {i + 7}", str(2 * i + 7), "numeric"))
-        elif kind == 1:
-            words = " ".join([f"w{i}"] * (1 + i % 9))
-            out.append(Item(f"c{i}", "count", f"How many words in '{words}'?", str(1 + i % 9), "numeric"))
-        else:
-            out.append(Item(f"u{i}", "upper", f"Upper-case 'item {i}'", f"ITEM {i}", "exact"))
-    return out
-
-
 def _rss() -> int:
     gc.collect()
     return psutil.Process().memory_info().rss
@@ -107,7 +91,7 @@ def _rss() -> int:
 
 @pytest.mark.slow
 async def test_1000_concurrent_episodes_no_errors_no_leak_no_lost_steps(tmp_path, figures):  # noqa: F811
-    data = items(N_EPISODES)
+    data = items(N_EPISODES, unique=True)
     rounds = []
     with OpenAIServer(add_expert, latency_s=LATENCY) as s1, OpenAIServer(count_expert, latency_s=LATENCY) as s2, \
             OpenAIServer(upper_expert, latency_s=LATENCY) as s3:

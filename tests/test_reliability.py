@@ -45,6 +45,7 @@ from maestro_core.registry import load_registry, parse_registry
 from maestro_core.store import Store
 from tests.conftest import BASE_REGISTRY
 from tests.openai_server import OpenAIServer, message_text
+from tests.reliability_figures import figures  # noqa: F401 (fixture)
 
 KEY_ENVS = ("MAESTRO_API_KEY", "OPENAI_API_KEY", "RELIABILITY_EXPERT_KEY")
 
@@ -53,22 +54,6 @@ KEY_ENVS = ("MAESTRO_API_KEY", "OPENAI_API_KEY", "RELIABILITY_EXPERT_KEY")
 def _no_ambient_keys(monkeypatch):
     for env in KEY_ENVS:
         monkeypatch.delenv(env, raising=False)
-
-
-@pytest.fixture
-def figures(request, tmp_path_factory):
-    """A dict the test fills; written under the test's id to <basetemp>/reliability.json."""
-    out: dict = {}
-    yield out
-    path = tmp_path_factory.getbasetemp() / "reliability.json"
-    with _FIGURES_LOCK:
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[request.node.name] = out
-        path.write_text(json.dumps(data, indent=2, sort_keys=True))
-    print(f"\nFIGURES {request.node.name}: {json.dumps(out, sort_keys=True)}\n  -> {path}")
-
-
-_FIGURES_LOCK = threading.Lock()
 
 
 # ============================================================================================
