@@ -66,15 +66,17 @@ def image_descriptor(index: int, path: str) -> str:
 
 
 def build_messages(registry: Registry, item: Item, *, cost_budget: float | None = None,
-                   cost_lambda: float | None = None, compact: bool = False) -> list[dict[str, str]]:
+                   cost_lambda: float | None = None, compact: bool = False,
+                   question: str | None = None) -> list[dict[str, str]]:
     """The policy's prompt: system = catalogue + protocol; user = question, image descriptors,
     the cost weight (when given, 0 included: a policy trained with weights sees one in every
-    prompt) and the budget."""
+    prompt) and the budget. `question` replaces the item's in the prompt only (training-time
+    question noise); calls still forward the item's own question."""
     if compact:
         system = f"{registry.catalogue(compact=True)}\n{PROTOCOL_TEXT_COMPACT}"
     else:
         system = f"{registry.catalogue()}\n\n{PROTOCOL_TEXT}"
-    user = f"Question: {item.question}"
+    user = f"Question: {item.question if question is None else question}"
     for i, p in enumerate(item.images, 1):
         user += "\n" + image_descriptor(i, p)
     if cost_lambda is not None:  # in the user message, next to the question the policy reads
@@ -98,10 +100,12 @@ class EpisodeRunner:
     async def run(self, items: Sequence[Item], *, group_size: int = 1, run_id: str = "adhoc", iteration: int = 0,
                   chunk: int = 0, cost_lambda: float | Callable[[int], float] | None = None,
                   cost_budget: Callable[[int], float | None] | None = None,
+                  question_view: Callable[[int], str | None] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> list[Trajectory]:
         """Run `group_size` episodes per item, concurrently; results in (item, sample) order.
         `cost_lambda` is a number, or a function of the episode index (sampled per episode);
-        `cost_budget` a function of the episode index giving its budget (None: the config's)."""
+        `cost_budget` a function of the episode index giving its budget (None: the config's);
+        `question_view` one giving the question its prompt shows (None: the item's)."""
         sem = asyncio.Semaphore(self.config.max_concurrency)
         total, done = len(items) * group_size, 0
 
@@ -109,9 +113,10 @@ class EpisodeRunner:
             nonlocal done
             lam = cost_lambda(k) if callable(cost_lambda) else cost_lambda
             budget = cost_budget(k) if cost_budget is not None else None
+            view = question_view(k) if question_view is not None else None
             async with sem:
                 t = await self.run_episode(item, run_id=run_id, iteration=iteration, chunk=chunk,
-                                           sample_index=s, cost_lambda=lam, cost_budget=budget)
+                                           sample_index=s, cost_lambda=lam, cost_budget=budget, question_view=view)
             done += 1
             if progress:
                 progress(done, total)
@@ -125,14 +130,16 @@ class EpisodeRunner:
 
     async def run_episode(self, item: Item, *, run_id: str = "adhoc", iteration: int = 0, chunk: int = 0,
                           sample_index: int = 0, cost_lambda: float | None = None,
-                          cost_budget: float | None = None) -> Trajectory:
-        """One episode; `cost_budget` overrides the config's budget for it (None: the config's)."""
+                          cost_budget: float | None = None, question_view: str | None = None) -> Trajectory:
+        """One episode; `cost_budget` overrides the config's budget for it (None: the config's);
+        `question_view` replaces the question in the policy's prompt (calls forward the item's)."""
         cfg = self.config
         lam = cfg.reward.cost_lambda if cost_lambda is None else cost_lambda
         budget = cfg.cost_budget if cost_budget is None else cost_budget
         eid = episode_id(run_id, iteration, item.id, sample_index)
         messages = build_messages(self.registry, item, cost_budget=budget,
-                                  cost_lambda=lam if cost_lambda is not None else None, compact=cfg.compact_prompt)
+                                  cost_lambda=lam if cost_lambda is not None else None, compact=cfg.compact_prompt,
+                                  question=question_view)
         prompt_ids = tuple(self.policy.encode_prompt(messages))
         steps: list[StepRecord] = []
         answer: str | None = None

@@ -354,7 +354,7 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
     from maestro_core.experts import build_experts
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
     from maestro_core.store import Store
-    from maestro_core.suite import ensure_suite
+    from maestro_core.suite import ensure_suite, load_suite
 
     from maestro_core.checkpoints import resolve_checkpoint, untrained_of
 
@@ -371,20 +371,29 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
             log(f"policy checkpoint {ck_path}" + (f" (untrained: {ck_untrained})" if ck_untrained else ""))
         if data is not None:
             items = load_jsonl(data, quarantine=lambda where, why: store.record_quarantine(str(data), where, why))
-            train: list[Item] = []
             split = "data"
+            suite = []
+            if baselines and config.routers:
+                # routers learn on the suite's train split, as for the suite's own splits: a held-out
+                # file (maestro build-dataset --heldout) then compares them with the policy
+                try:
+                    suite = load_suite(store.home, object_store=store.objects)
+                    log("routers: trained on the Maestro-Mini train split of this home")
+                except ConfigError:
+                    log("routers skipped: no Maestro-Mini suite in this home to train them on "
+                        "(run `maestro build-dataset` first to include them)")
         else:
             suite = ensure_suite(store, log=log)
             items = [it for it in suite if it.split == split]
             if not items:
                 raise ConfigError(f"the suite has no '{split}' items.", field="--split", fix="use train, val or test.")
-            rng = random.Random(config.seed)
-            by_bench: dict[str, list[Item]] = {}
-            for it in suite:
-                if it.split == "train":
-                    by_bench.setdefault(it.benchmark, []).append(it)
-            train = [it for b in sorted(by_bench) for it in
-                     rng.sample(by_bench[b], min(config.router_train_per_benchmark, len(by_bench[b])))]
+        rng = random.Random(config.seed)
+        by_bench: dict[str, list[Item]] = {}
+        for it in suite:
+            if it.split == "train":
+                by_bench.setdefault(it.benchmark, []).append(it)
+        train = [it for b in sorted(by_bench) for it in
+                 rng.sample(by_bench[b], min(config.router_train_per_benchmark, len(by_bench[b])))]
         if not baselines:
             train = []
         run_id = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"

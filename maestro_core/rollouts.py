@@ -67,6 +67,9 @@ class ChunkSpec:
     cost_budgets: tuple[float | None, ...] | None = None
     """Cost budget of each episode (None inside: no budget), shown in its prompt and enforced by
     the grammar and the runner; None: the episode config's."""
+    question_views: tuple[str | None, ...] | None = None
+    """The question each episode's prompt shows (training-time question noise; None inside: the
+    item's own); calls forward the item's question. None: every item's own."""
 
 
 def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | None = None):
@@ -153,7 +156,7 @@ def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Re
     registry = registry or load_registry(spec.registry_path or DEFAULT_REGISTRY)
     policy = build_policy(spec.policy_spec, registry, spec.object_store)
     config = build(EpisodeConfig, dict(spec.episode), section="episode")
-    lams, budgets = spec.cost_lambdas, spec.cost_budgets
+    lams, budgets, views = spec.cost_lambdas, spec.cost_budgets, spec.question_views
 
     async def go():
         own = experts is None
@@ -163,7 +166,8 @@ def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Re
             return await runner.run(list(spec.items), group_size=spec.group_size, run_id=spec.run_id,
                                     iteration=spec.iteration, chunk=spec.chunk,
                                     cost_lambda=(lambda k: lams[k]) if lams else None,
-                                    cost_budget=(lambda k: budgets[k]) if budgets else None)
+                                    cost_budget=(lambda k: budgets[k]) if budgets else None,
+                                    question_view=(lambda k: views[k]) if views else None)
         finally:
             close = getattr(policy, "aclose", None)  # a served policy's HTTP client
             if close is not None:
@@ -182,9 +186,10 @@ def run_chunk(spec: ChunkSpec, *, cache: ExpertCache | None = None, registry: Re
 def chunk_specs(items: list[Item], *, run_id: str, iteration: int, chunk_size: int, policy_spec: dict[str, Any],
                 object_store: str, registry_path: str | None, group_size: int = 1,
                 episode: dict[str, Any] | None = None, cost_lambdas: list[float] | None = None,
-                cost_budgets: list[float | None] | None = None) -> list[ChunkSpec]:
-    """Split items into chunks of `chunk_size` (chunk = index; deterministic). `cost_lambdas` and
-    `cost_budgets` (one per episode, items x group_size in order) are split along; a learned or
+                cost_budgets: list[float | None] | None = None,
+                question_views: list[str | None] | None = None) -> list[ChunkSpec]:
+    """Split items into chunks of `chunk_size` (chunk = index; deterministic). `cost_lambdas`,
+    `cost_budgets` and `question_views` (one per episode, items x group_size in order) are split along; a learned or
     served policy's seed is offset by the chunk index."""
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}.", field="chunk_size", fix="use e.g. 16.")
@@ -195,10 +200,11 @@ def chunk_specs(items: list[Item], *, run_id: str, iteration: int, chunk_size: i
             spec["seed"] = int(spec.get("seed", 0)) + k
         lams = tuple(cost_lambdas[i * group_size:(i + chunk_size) * group_size]) if cost_lambdas else None
         budgets = tuple(cost_budgets[i * group_size:(i + chunk_size) * group_size]) if cost_budgets else None
+        views = tuple(question_views[i * group_size:(i + chunk_size) * group_size]) if question_views else None
         out.append(ChunkSpec(run_id=run_id, iteration=iteration, chunk=k, items=tuple(items[i:i + chunk_size]),
                              policy_spec=spec, object_store=object_store, registry_path=registry_path,
                              group_size=group_size, episode=dict(episode or {}), cost_lambdas=lams,
-                             cost_budgets=budgets))
+                             cost_budgets=budgets, question_views=views))
     return out
 
 

@@ -27,6 +27,7 @@ from maestro_core.dataset import Item
 from maestro_core.episode import EpisodeConfig, EpisodeRunner
 from maestro_core.errors import ConfigError
 from maestro_core.grpo import GRPOSettings, grpo_update
+from maestro_core.question_noise import QuestionNoise
 from maestro_core.registry import Registry
 from maestro_core.rewards import RewardConfig
 from maestro_core.trajectory import Trajectory
@@ -84,6 +85,15 @@ class TrainConfig:
                 "calls it can pay for are offered); other groups have no budget. (): off."})
     budget_share: float = field(default=0.5, metadata={
         "help": "Share of training groups with a budget from cost_budgets."})
+    question_noise_share: float = field(default=0.0, metadata={
+        "help": "Share of training groups whose prompt shows a noisy question (question_noise.py: words dropped "
+                "with probability question_drop, replaced by random letters with probability question_replace; "
+                "one noisy version per group). Experts still get the item's own question. Makes the words an "
+                "unreliable cue, so the policy also reads the image descriptors and copes with unseen wordings. "
+                "0: off."})
+    question_drop: float = field(default=0.3, metadata={"help": "Per-word drop probability of question noise."})
+    question_replace: float = field(default=0.2, metadata={
+        "help": "Per-word probability that question noise replaces a word by random letters."})
     seed: int = field(default=0, metadata={"help": "Seed of item sampling, model init and sampling."})
     grpo: GRPOSettings = field(default_factory=GRPOSettings.cpu_profile, metadata={"help": "GRPO settings."})
 
@@ -108,6 +118,10 @@ class TrainConfig:
         if any(not (b > 0) for b in self.cost_budgets) or not 0.0 <= self.budget_share <= 1.0:
             raise ConfigError(f"cost_budgets {self.cost_budgets} / budget_share {self.budget_share} out of range.",
                               field="cost_budgets", fix="use budgets > 0 (USD per task) and a share in [0, 1].")
+        if not 0.0 <= self.question_noise_share <= 1.0:
+            raise ConfigError(f"question_noise_share must be in [0, 1], got {self.question_noise_share}.",
+                              field="question_noise_share", fix="use e.g. 0.5, or 0 to switch it off.")
+        QuestionNoise(self.question_drop, self.question_replace)  # validates both
         if any(not (lam >= 0) for lam in self.cost_lambdas):
             raise ConfigError(f"cost_lambdas {self.cost_lambdas} has a negative value.", field="cost_lambdas",
                               fix="use weights >= 0, e.g. [0, 1, 2], or [] to switch it off.")
@@ -392,6 +406,18 @@ class TrainingRun:
         return [b for _ in range(n_items)
                 for b in [rng.choice(cfg.cost_budgets) if rng.random() < cfg.budget_share else None] * g]
 
+    def question_views_for(self, it: int, items: Sequence[Item]) -> list[str | None] | None:
+        """The question each episode's prompt shows: for a share of the groups one noisy version
+        of the item's question (the same for the whole group), else None (the item's own)."""
+        cfg = self.config
+        noise = QuestionNoise(cfg.question_drop, cfg.question_replace)
+        if not cfg.question_noise_share or not noise.active:
+            return None
+        rng = random.Random(f"{cfg.seed}-question-{it}")
+        g = cfg.grpo.num_generations
+        return [v for item in items
+                for v in [noise(item.question, rng) if rng.random() < cfg.question_noise_share else None] * g]
+
     def checkpoint_path(self, it: int) -> Path:
         return self.out_dir / f"ckpt-{it}"
 
@@ -414,7 +440,8 @@ class TrainingRun:
         return chunk_specs(items, run_id=self.run_id, iteration=it, chunk_size=self.config.chunk_size or len(items),
                            policy_spec=spec, object_store=self.objects.uri(), registry_path=self.registry_path,
                            group_size=g, episode=episode, cost_lambdas=self.lambdas_for(it, len(items)),
-                           cost_budgets=self.budgets_for(it, len(items)))
+                           cost_budgets=self.budgets_for(it, len(items)),
+                           question_views=self.question_views_for(it, items))
 
     def collect_chunk(self, spec) -> dict:
         """One chunk in this process, with the run's experts and persistent expert cache; skipped

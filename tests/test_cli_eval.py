@@ -43,3 +43,44 @@ def test_eval_rejects_unknown_checkpoint(tmp_path):
                           "--checkpoint", "best", "--out", str(tmp_path / "o")], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert res.returncode != 0 and "Fix:" in res.stderr
+
+
+def test_eval_on_a_jsonl_file_trains_the_routers_on_the_suite_of_the_home(tmp_path):
+    """A held-out file has no train split of its own: the routers learn on the home's suite."""
+    from maestro_core.suite import SuiteConfig, build_suite
+
+    home = tmp_path / "home"
+    build_suite(SuiteConfig(seed=1, train_per_benchmark=6, val_per_benchmark=2, test_per_benchmark=2,
+                            benchmarks=("math",)), home)
+    reg = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(reg))
+    rows = [{"id": f"h{i}", "benchmark": "math", "question": f"Work out {i} + {i + 1}.", "answer": str(2 * i + 1),
+             "scorer": "numeric"} for i in range(4)]
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "eval", "--baselines",
+                          "--checkpoint", "none", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "routers: trained on the Maestro-Mini train split" in res.stdout + res.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_items"] == 4
+    # every train item is math, labelled with the calculator: both routers send the file's items there
+    for kind in ("knn", "mlp"):
+        assert m["systems"][f"router:{kind}"]["accuracy"] == m["systems"]["expert:calc@@math"]["accuracy"] == 1.0
+
+
+def test_eval_on_a_jsonl_file_without_a_suite_skips_the_routers_and_says_why(tmp_path):
+    reg = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(reg))
+    data = tmp_path / "items.jsonl"
+    data.write_text(json.dumps({"id": "q", "benchmark": "m", "question": "What is 2 + 2?", "answer": "4",
+                                "scorer": "numeric"}) + "\n")
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
+                          "--checkpoint", "none", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "routers skipped" in res.stdout + res.stderr and "maestro build-dataset" in res.stdout + res.stderr
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert not any(name.startswith("router:") for name in m["systems"])
