@@ -416,7 +416,7 @@ def training_curve_plot(curve: Sequence[Mapping], path: str | Path, *, title: st
 
 
 def cost_knob_plot(points: Sequence[Mapping], baselines: Mapping[str, Mapping], path: str | Path, *,
-                   title: str = "") -> Path:
+                   title: str = "", curve_label: str = "policy (one checkpoint)") -> Path:
     """The request-time cost knob: the policy's accuracy against cost per task at each setting
     (`points`: dicts with label, accuracy, cost_per_task), joined in order, beside the
     baselines' points (name -> metrics with accuracy and cost_per_task); log-x."""
@@ -428,7 +428,7 @@ def cost_knob_plot(points: Sequence[Mapping], baselines: Mapping[str, Mapping], 
         return _save(fig, path)
     xs = [max(float(p["cost_per_task"]), 1e-5) for p in points]
     ys = [float(p["accuracy"]) for p in points]
-    ax.plot(xs, ys, "-o", color="#1f77b4", lw=2, ms=8, label="policy (one checkpoint)", zorder=3)
+    ax.plot(xs, ys, "-o", color="#1f77b4", lw=2, ms=8, label=curve_label, zorder=3)
     for x, y, p in zip(xs, ys, points):
         ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(8, -4), fontsize=10)
     for name, m in baselines.items():

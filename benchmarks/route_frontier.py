@@ -1,0 +1,89 @@
+"""The routing frontier by question template beside the systems of one evaluation: the best
+accuracy any routing that sees only the benchmark and the question's wording can reach at
+each cost per task, fitted on the evaluated items themselves (maestro_core/frontier.py), and
+where the policy and the per-query routers sit against it (docs/POLICY.md). Reads the pair
+table that `maestro eval --baselines` stored; runs no expert.
+
+    .venv/bin/python benchmarks/route_frontier.py --home HOME --metrics docs/results/policy/metrics.json \
+        --out docs/results/frontier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _common  # noqa: E402,F401  (environment defaults)
+
+SYSTEMS = ("policy", "router:mlp", "router:knn", "oracle")
+_QUESTION = re.compile(r"Question: ([^\n]*)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--home", required=True, help="the home where the evaluation ran (its DuckDB holds the pair table)")
+    p.add_argument("--metrics", type=Path, required=True, help="that evaluation's metrics.json (names its run)")
+    p.add_argument("--caps", nargs="+", type=float, default=None,
+                   help="costs per task (USD) to solve at; default: a grid plus each system's own cost")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
+    args = p.parse_args()
+
+    from maestro_core.errors import ConfigError
+    from maestro_core.frontier import question_template, template_frontier
+    from maestro_core.plots import cost_knob_plot
+    from maestro_core.store import Store
+
+    started = time.perf_counter()
+    metrics = json.loads(args.metrics.read_text())
+    run = metrics["run_id"]
+    with Store(args.home) as store:
+        episodes = store.episodes(run).to_pylist()
+        iterations = sorted({e["iteration"] for e in episodes if e["checkpoint_id"] == "baseline"})
+        table, order = {}, None
+        for k in iterations:
+            trajs = store.trajectories(run, k)
+            pair = next((f"{s.expert}@@{s.skill}" for t in trajs for s in t.steps if s.expert), None)
+            trajs = sorted(trajs, key=lambda t: t.item_id)
+            order = order or [t.item_id for t in trajs]
+            if pair is None or [t.item_id for t in trajs] != order:
+                raise ConfigError(f"iteration {k} of {run} is not a pair of the table.", fix="pass the metrics.json "
+                                  "of a `maestro eval --baselines` run made in this home.")
+            table[pair] = trajs
+    if not table:
+        raise ConfigError(f"run {run} has no pair table in {args.home}.", fix="run `maestro eval --baselines` there.")
+    first = next(iter(table.values()))
+    templates = [question_template(t.benchmark, _QUESTION.search(t.prompt_text).group(1)) for t in first]
+    systems = {n: metrics["systems"][n] for n in SYSTEMS if n in metrics["systems"]}
+    caps = args.caps or sorted({0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02, 0.025, 0.03,
+                                *(round(m["cost_per_task"], 6) for m in systems.values())})
+    points = template_frontier(table, templates, caps)
+    print(f"{len(first)} items, {len(set(templates))} question templates, {len(table)} pairs (run {run})")
+    print(f"{'cap $/task':>11} {'accuracy':>9} {'cost/task $':>12}")
+    for q in points:
+        if q["accuracy"] is not None:
+            print(f"{q['cap']:>11.6f} {q['accuracy']:>9.3f} {q['cost_per_task']:>12.6f}")
+    print("systems of the evaluation, and the frontier at their cost:")
+    at = {q["cap"]: q for q in points}
+    for n, m in systems.items():
+        f = at.get(round(m["cost_per_task"], 6))
+        print(f"{n:>11} {m['accuracy']:>9.3f} {m['cost_per_task']:>12.6f}   frontier there: "
+              f"{f['accuracy'] if f and f['accuracy'] is not None else float('nan'):.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    shown = [dict(q, label="") for q in points if q["accuracy"] is not None]
+    cost_knob_plot(shown, systems, args.out / "frontier.png", curve_label="best routing by question template",
+                   title=f"Routing by question template (fitted on the {metrics.get('split')} items) vs the systems")
+    (args.out / "frontier.json").write_text(json.dumps(
+        {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "templates": sorted(set(templates)),
+         "points": points, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
+         "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+    print(f"wrote {args.out / 'frontier.json'} and frontier.png ({time.perf_counter() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
