@@ -55,25 +55,12 @@ class EpisodeConfig:
             raise ConfigError("max_concurrency must be >= 1.", field="max_concurrency", fix="set it to e.g. 256.")
 
 
-SIZE_CLASSES = ((256, "small"), (1500, "medium"))
-"""(largest side up to, word); larger images are 'large'."""
-
-
-def size_class(width: int, height: int) -> str:
-    """A coarse word for an image's size (its largest side): 'small' (<= 256 px), 'medium'
-    (<= 1500 px) or 'large'. A small policy reads one word where the exact size is a sequence
-    of digit tokens it has seen only for the suite's canvases."""
-    side = max(width, height)
-    return next((word for limit, word in SIZE_CLASSES if side <= limit), "large")
-
-
 def image_descriptor(index: int, path: str) -> str:
-    """A neutral description of an image (order and size only, never content or metadata):
-    `[image 1: 640x480, medium]`."""
+    """A neutral description of an image (order and size only, never content or metadata)."""
     try:
         from PIL import Image
         with Image.open(path) as im:
-            return f"[image {index}: {im.width}x{im.height}, {size_class(im.width, im.height)}]"
+            return f"[image {index}: {im.width}x{im.height}]"
     except Exception:  # an unreadable image is described without a size; the expert will report it
         return f"[image {index}]"
 

@@ -52,7 +52,7 @@ from maestro_core.registry import Registry
 from maestro_core.trajectory import episode_id as make_episode_id
 
 # a descriptor as episode.image_descriptor writes it, one line each after the question
-_DESCRIPTOR = re.compile(r"\[image (\d+)(?::\s*(\d+)x(\d+)(?:,\s*(?:small|medium|large))?)?\]")
+_DESCRIPTOR = re.compile(r"\[image (\d+)(?::\s*(\d+)x(\d+))?\]")
 
 ImageLike = Any
 """A path (str or Path) or a PIL image."""
@@ -69,7 +69,7 @@ TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 def split_descriptors(content: str) -> tuple[str, list[tuple[int, tuple[int, int] | None]]]:
     """(the user message without its image descriptors, [(index, (width, height) or None)]).
-    The descriptors are the last block of whole lines `[image i: WxH, class]` (or `[image i]`) after
+    The descriptors are the last block of whole lines `[image i: WxH]` (or `[image i]`) after
     the first line: episode.build_messages writes them after the question and before the lines
     it may add (cost weight, budget), which are kept, as is the question itself."""
     lines = content.split("\n")

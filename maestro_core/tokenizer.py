@@ -49,8 +49,7 @@ def policy_corpus(registry: Registry, extra: Iterable[str] = ()) -> list[str]:
     texts += ["<answer>42</answer>", "<information>42 (confidence 0.90)</information>",
               "<information>error (malformed): no action</information>",
               "Question: How many words are in 'the quick brown fox'?",
-              "Question: What is the value of the largest bar in the chart?\n[image 1: 640x480, medium]\nBudget: $0.01",
-              "[image 1: 96x96, small]\n[image 2: 3000x2000, large]",
+              "Question: What is the value of the largest bar in the chart?\n[image 1: 640x480]\nBudget: $0.01",
               "0123456789 + - * / = ( ) . , ; : ? ! ' \" $ % the a of and to in is what how many which"]
     texts += list(extra)
     return texts

@@ -125,15 +125,3 @@ async def test_call_without_input_forwards_the_question(registry):
         lambda q, obs, v: "<call>calc@@math</call>" if not obs else f"<answer>{information_text(obs[-1])}</answer>"))
     (t,) = await runner.run([ITEMS[2]])
     assert t.steps[0].call_input == ITEMS[2].question and t.outcome == 1.0
-
-
-def test_image_descriptor_gives_size_and_a_coarse_size_word(tmp_path):
-    from PIL import Image
-
-    from maestro_core.episode import image_descriptor, size_class
-
-    assert [size_class(*s) for s in [(96, 96), (256, 100), (257, 10), (800, 300), (1500, 1500), (3000, 2000)]] == \
-        ["small", "small", "medium", "medium", "medium", "large"]
-    Image.new("RGB", (640, 480)).save(tmp_path / "a.png")
-    assert image_descriptor(2, str(tmp_path / "a.png")) == "[image 2: 640x480, medium]"
-    assert image_descriptor(1, str(tmp_path / "missing.png")) == "[image 1]"

@@ -82,7 +82,7 @@ def test_multimodal_messages_parts_order_and_no_descriptors(reg, tmp_path):
     b = write_png(tmp_path / "b.png", (20, 10), (0, 0, 255))
     item = Item(id="q", benchmark="charts", question="Which bar is taller?", answer="A", scorer="exact", images=(a, b))
     msgs = build_messages(reg, item, cost_budget=0.5, cost_lambda=0.3)
-    assert "[image 1: 64x48, small]" in msgs[1]["content"] and "[image 2: 20x10, small]" in msgs[1]["content"]
+    assert "[image 1: 64x48]" in msgs[1]["content"] and "[image 2: 20x10]" in msgs[1]["content"]
     expected = "\n".join(line for line in msgs[1]["content"].split("\n") if not line.startswith("[image "))
     assert expected.startswith("Question: Which bar is taller?\n") and expected.endswith("\nBudget: $0.5")
     mm = multimodal_messages(msgs, item.images)
@@ -150,7 +150,7 @@ def test_multimodal_messages_render_with_real_vlm_chat_templates(reg, tmp_path, 
 def test_split_descriptors_takes_only_the_trailing_block():
     q = "Question: what does [image 1: 2x2] mean?\nsecond line"
     assert split_descriptors(q) == (q, [])
-    text, descs = split_descriptors(q + "\n[image 1: 3x4, small]\n[image 2]\nBudget: $1")
+    text, descs = split_descriptors(q + "\n[image 1: 3x4]\n[image 2]\nBudget: $1")
     assert text == q + "\nBudget: $1" and descs == [(1, (3, 4)), (2, None)]
     text, descs = split_descriptors("Question: [image 9]\n[image 1: 5x6]\nCost weight: 0.3\nBudget: $1")
     assert text == "Question: [image 9]\nCost weight: 0.3\nBudget: $1" and descs == [(1, (5, 6))]
