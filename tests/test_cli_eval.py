@@ -84,3 +84,31 @@ def test_eval_on_a_jsonl_file_without_a_suite_skips_the_routers_and_says_why(tmp
     assert "routers skipped" in res.stdout + res.stderr and "maestro build-dataset" in res.stdout + res.stderr
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert not any(name.startswith("router:") for name in m["systems"])
+
+
+def test_route_frontier_reads_the_pair_table_of_an_evaluation(tmp_path):
+    reg = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(reg))
+    rows = [{"id": f"a{i}", "benchmark": "arith", "question": f"What is {i} * 3?", "answer": str(3 * i),
+             "scorer": "numeric"} for i in range(3)]
+    rows += [{"id": f"w{i}", "benchmark": "words", "question": f"How many words are in '{' '.join('ab'[:1] * i)}'?",
+              "answer": str(i), "scorer": "exact"} for i in range(1, 4)]
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    home, out = tmp_path / "home", tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "eval", "--baselines",
+                          "--checkpoint", "none", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
+                          "--metrics", str(out / "metrics.json"), "--out", str(tmp_path / "frontier")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    f = json.loads((tmp_path / "frontier" / "frontier.json").read_text())
+    assert (tmp_path / "frontier" / "frontier.png").exists() and f["n_items"] == 6
+    assert f["templates"] == ["arith: What is", "words: How many words are in a"]
+    m = json.loads((out / "metrics.json").read_text())["systems"]
+    top = max(p["accuracy"] for p in f["points"] if p["accuracy"] is not None)
+    # one pair for everything is a routing by template; the per-item oracle bounds any of them
+    assert max(s["accuracy"] for n, s in m.items() if n.startswith("expert:")) <= top <= m["oracle"]["accuracy"]
+    assert top == 1.0  # calc answers the products, the counter the word counts
