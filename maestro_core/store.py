@@ -441,6 +441,18 @@ class Store:
         """Trajectory objects, ordered by iteration, chunk, item_id, sample_index."""
         return from_arrow(self.trajectories_table(run_id, iteration))
 
+    def delete_episodes(self, run_id: str) -> int:
+        """Delete a run's episodes and their steps (one transaction); returns how many episodes.
+        For a run started over (`maestro train --run-id R --fresh`)."""
+        check_run_id(run_id)
+        n = self.count_episodes(run_id)
+        if n:
+            with self._transaction() as con:
+                con.execute("DELETE FROM steps WHERE episode_id IN (SELECT episode_id FROM episodes WHERE run_id = ?)",
+                            [run_id])
+                con.execute("DELETE FROM episodes WHERE run_id = ?", [run_id])
+        return n
+
     def count_episodes(self, run_id: str | None = None, iteration: int | None = None,
                        chunk: int | None = None) -> int:
         where, params = _where(run_id=run_id, iteration=iteration, chunk=chunk)

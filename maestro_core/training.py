@@ -554,11 +554,12 @@ def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: 
                out_dir: Path | None = None, registry_version: str | None = None, policy=None) -> tuple[str, Path]:
     """The run to train and its folder. Resume by default: without `run_id`, the newest
     unfinished training run with the same train config and `policy:` section (and registry
-    version, when given) goes on. `fresh`: a new run, or `run_id`'s folder and stored
-    checkpoints deleted first."""
+    version, when given) goes on. `fresh`: a new run, or `run_id`'s folder, stored checkpoints,
+    rollout shards and episodes deleted first."""
     import shutil
 
     from maestro_core.checkpoints import PREFIX
+    from maestro_core.shards import list_shards
 
     if run_id is None and not fresh:
         same = json.loads(json.dumps(asdict(config), default=str))
@@ -570,10 +571,11 @@ def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: 
         run_id = open_runs[-1]["run_id"] if open_runs else None
     run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out_dir) if out_dir else store.home / "runs" / run_id
-    if fresh:
+    if fresh:  # checkpoints, rollout shards and stored episodes: a rerun must not reuse another model's rollouts
         shutil.rmtree(out, ignore_errors=True)
-        for key in store.objects.list(f"{PREFIX}/{run_id}/"):
+        for key in [*store.objects.list(f"{PREFIX}/{run_id}/"), *list_shards(store.objects, run_id)]:
             store.objects.delete(key)
+        store.delete_episodes(run_id)
     return run_id, out
 
 

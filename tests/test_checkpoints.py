@@ -114,3 +114,26 @@ def test_eval_with_a_checkpoint_adds_policy_and_untrained(tmp_path):
     assert {t.checkpoint_id for t in trajs} == {"r1/ckpt-1", "r1/ckpt-0"}
     assert all(t.cost_lambda == 0.5 for t in trajs)
     assert all(t.steps[0].action == "call" for t in trajs)  # no answer before an observation
+
+
+def test_fresh_with_a_run_id_deletes_its_checkpoints_shards_and_episodes_only(tmp_path):
+    """`maestro train --run-id R --fresh` starts R over: a chunk whose shard survived would be
+    skipped as collected, and the new model would train on the old model's token ids."""
+    from maestro_core.checkpoints import PREFIX
+    from maestro_core.shards import list_shards
+    from maestro_core.store import Store
+    from maestro_core.training import TrainConfig, choose_run
+    from tests.store_helpers import make_chunk
+
+    with Store(tmp_path / "home") as store:
+        for run in ("r", "other"):
+            for it in (0, 1):
+                store.write_and_ingest(make_chunk(run, it), run, it, 0)
+            store.objects.put_bytes(f"{PREFIX}/{run}/ckpt-1/maestro.json", b"{}")
+        (store.home / "runs" / "r" / "ckpt-1").mkdir(parents=True)
+        run_id, out = choose_run(store, TrainConfig(), "r", fresh=True)
+        assert run_id == "r" and not out.exists()
+        assert list_shards(store.objects, "r") == [] and store.count_episodes("r") == 0 and store.count_steps("r") == 0
+        assert store.objects.list(f"{PREFIX}/r/") == []
+        assert len(list_shards(store.objects, "other")) == 2 and store.count_episodes("other") == 8
+        assert store.objects.list(f"{PREFIX}/other/")
