@@ -94,6 +94,9 @@ class TrainConfig:
     question_drop: float = field(default=0.3, metadata={"help": "Per-word drop probability of question noise."})
     question_replace: float = field(default=0.2, metadata={
         "help": "Per-word probability that question noise replaces a word by random letters."})
+    balanced_batches: bool = field(default=False, metadata={
+        "help": "Draw each iteration's items benchmark by benchmark in turn (the same number from each, give or "
+                "take one) instead of uniformly from the train split."})
     seed: int = field(default=0, metadata={"help": "Seed of item sampling, model init and sampling."})
     grpo: GRPOSettings = field(default_factory=GRPOSettings.cpu_profile, metadata={"help": "GRPO settings."})
 
@@ -136,7 +139,7 @@ class TrainResult:
     best_val_accuracy: float | None
 
 
-def spread(items: Sequence[Item], n: int, *, seed: int = 0) -> list[Item]:
+def spread(items: Sequence[Item], n: int, *, seed: int | str = 0) -> list[Item]:
     """Up to `n` items taken in turn from each benchmark (shuffled within each, seeded): the
     suite is stored benchmark by benchmark, so its first n items would cover one or two."""
     rng = random.Random(seed)
@@ -385,8 +388,11 @@ class TrainingRun:
 
     # -- what an iteration collects --------------------------------------------------------------
     def items_for(self, it: int) -> list[Item]:
+        n = min(self.config.prompts_per_iteration, len(self.train_items))
+        if self.config.balanced_batches:
+            return spread(self.train_items, n, seed=f"{self.config.seed}-items-{it}")
         rng = random.Random(f"{self.config.seed}-items-{it}")
-        return rng.sample(self.train_items, min(self.config.prompts_per_iteration, len(self.train_items)))
+        return rng.sample(self.train_items, n)
 
     def lambdas_for(self, it: int, n_items: int) -> list[float] | None:
         """One cost weight per episode, constant within each item's group of G (seeded by iteration)."""

@@ -88,3 +88,21 @@ def test_a_partial_grpo_section_overrides_the_cpu_profile_not_the_paper_defaults
     assert cfg.grpo.scale_rewards == "none" and cfg.iterations == 3
     assert cfg.grpo.learning_rate == cpu.learning_rate != GRPOSettings.paper().learning_rate
     assert cfg.grpo.num_iterations == cpu.num_iterations
+
+
+def test_balanced_batches_take_each_benchmark_in_turn():
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from maestro_core.training import TrainingRun
+
+    items = [Item(id=f"{b}-{i}", benchmark=b, question=f"q {b} {i}", answer="1", scorer="exact")
+             for b, n in (("charts", 40), ("math", 10), ("text", 25)) for i in range(n)]
+    run = SimpleNamespace(config=TrainConfig(balanced_batches=True), train_items=items)
+    batches = [TrainingRun.items_for(run, it) for it in range(20)]
+    for batch in batches:
+        counts = Counter(it.benchmark for it in batch)
+        assert len(batch) == 16 and len(set(batch)) == 16 and max(counts.values()) - min(counts.values()) <= 1
+    assert batches[0] == TrainingRun.items_for(run, 0) and batches[0] != batches[1]  # seeded by the iteration
+    uniform = SimpleNamespace(config=TrainConfig(), train_items=items)
+    assert any(Counter(it.benchmark for it in TrainingRun.items_for(uniform, k))["math"] < 5 for k in range(20))
