@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--metrics", type=Path, required=True, help="that evaluation's metrics.json (names its run)")
     p.add_argument("--caps", nargs="+", type=float, default=None,
                    help="costs per task (USD) to solve at; default: a grid plus each system's own cost")
+    p.add_argument("--pairs-under", type=float, default=None,
+                   help="keep only the pairs whose every call cost at most this (USD): the routing a per-task budget "
+                        "of that size allows")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
@@ -57,6 +60,9 @@ def main() -> None:
             table[pair] = trajs
     if not table:
         raise ConfigError(f"run {run} has no pair table in {args.home}.", fix="run `maestro eval --baselines` there.")
+    if args.pairs_under is not None:
+        table = {p: t for p, t in table.items() if max(x.total_cost for x in t) <= args.pairs_under}
+        print(f"pairs whose calls cost at most ${args.pairs_under:g}: {sorted(table)}")
     first = next(iter(table.values()))
     templates = [question_template(t.benchmark, _QUESTION.search(t.prompt_text).group(1)) for t in first]
     systems = {n: metrics["systems"][n] for n in SYSTEMS if n in metrics["systems"]}
@@ -79,7 +85,8 @@ def main() -> None:
     cost_knob_plot(shown, systems, args.out / "frontier.png", curve_label="best routing by question template",
                    title=f"Routing by question template (fitted on the {metrics.get('split')} items) vs the systems")
     (args.out / "frontier.json").write_text(json.dumps(
-        {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "templates": sorted(set(templates)),
+        {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "pairs": sorted(table),
+         "pairs_under": args.pairs_under, "templates": sorted(set(templates)),
          "points": points, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
          "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     print(f"wrote {args.out / 'frontier.json'} and frontier.png ({time.perf_counter() - started:.1f} s)")

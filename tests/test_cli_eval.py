@@ -112,3 +112,10 @@ def test_route_frontier_reads_the_pair_table_of_an_evaluation(tmp_path):
     # one pair for everything is a routing by template; the per-item oracle bounds any of them
     assert max(s["accuracy"] for n, s in m.items() if n.startswith("expert:")) <= top <= m["oracle"]["accuracy"]
     assert top == 1.0  # calc answers the products, the counter the word counts
+    # with only the pairs a $0.0015 budget allows (the calculator), the word counts are lost
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
+                          "--metrics", str(out / "metrics.json"), "--pairs-under", "0.0015", "--caps", "0.01",
+                          "--out", str(tmp_path / "cheap")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cheap = json.loads((tmp_path / "cheap" / "frontier.json").read_text())
+    assert cheap["pairs"] == ["calc@@math"] and cheap["points"][0]["accuracy"] == 0.5
