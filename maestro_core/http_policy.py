@@ -154,7 +154,8 @@ class OpenAIPolicy:
                  timeout_s: float = 300.0, max_retries: int = 5, backoff_s: float = 0.5, backoff_cap_s: float = 16.0,
                  max_concurrency: int = 256, trust_env: bool = False, checkpoint_id: str | None = None,
                  sync: str = "reload_weights", sync_requests: Sequence[tuple[str, Any]] | None = None,
-                 sync_timeout_s: float = 900.0, lora_name_prefix: str = "maestro-policy"):
+                 sync_timeout_s: float = 900.0, lora_name_prefix: str = "maestro-policy",
+                 actions: Sequence[str] | None = None, free_input: bool = True):
         if temperature < 0:
             raise ConfigError("temperature must be >= 0.", field="temperature", fix="use e.g. 1.0 (the paper's setting).")
         if max_tokens < 1:
@@ -185,7 +186,14 @@ class OpenAIPolicy:
         self.sync_requests = tuple(sync_requests) if sync_requests is not None else None
         self.sync_timeout_s, self.lora_name_prefix = sync_timeout_s, lora_name_prefix
         self.stats = HTTPPolicyStats()
-        self.regex = registry.grammar().regex()
+        every = registry.grammar().actions
+        self.actions = tuple(actions) if actions is not None else every
+        unknown = [a for a in self.actions if a not in every]
+        if unknown or not self.actions:
+            raise ConfigError(f"actions {unknown or '[]'} are not in registry '{registry.name}'s grammar.",
+                              field="actions", fix=f"use a non-empty subset of {list(every)}.")
+        self.free_input = free_input
+        self.regex = ActionGrammar(self.actions).regex(free_input)
         self._api_key_env = api_key_env
         self._api_key: str | None = None
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -228,10 +236,9 @@ class OpenAIPolicy:
             return ANSWER_ONLY_REGEX
         budget = view.budget_left if view is not None else None
         if budget is not None:  # only the calls the budget left can pay for (none: answer)
-            acts = self.registry.grammar().actions
-            ok = self.registry.affordable(acts, budget)
-            if ok != acts:
-                return ActionGrammar(ok).regex() if ok else ANSWER_ONLY_REGEX
+            ok = self.registry.affordable(self.actions, budget)
+            if ok != self.actions:
+                return ActionGrammar(ok).regex(self.free_input) if ok else ANSWER_ONLY_REGEX
         return self.regex
 
     def request_body(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None) -> dict[str, Any]:

@@ -144,10 +144,12 @@ class PolicyConfig:
                               "sample at the same.", entry="policy", field="temperature",
                               fix="delete policy.temperature (it defaults to train.temperature) or make them equal.")
 
-    def openai_kwargs(self, train) -> dict[str, Any]:
+    def openai_kwargs(self, train, registry=None) -> dict[str, Any]:
         """OpenAIPolicy keyword arguments (without base_url and model), defaults filled in from
         the training config `train`: temperature, max_tokens, seed, tokenizer (= checkpoint;
-        a local folder as an absolute path, so a chunk in another working directory finds it)."""
+        a local folder as an absolute path, so a chunk in another working directory finds it);
+        with `registry`, also the action space of `train` (`actions: level1` and `call_input:
+        question` narrow the served grammar as they narrow the in-process policy's)."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_OPENAI_KWARGS}
         tok = kw["tokenizer"] or self.checkpoint
         kw["tokenizer"] = str(Path(tok).resolve()) if tok and Path(tok).is_dir() else tok
@@ -156,6 +158,11 @@ class PolicyConfig:
         kw["seed"] = int(train.seed if self.seed is None else self.seed)
         if self.sync_requests is not None:
             kw["sync_requests"] = [list(r) for r in self.sync_requests]
+        if registry is not None:
+            from maestro_core.training import policy_kwargs
+
+            decoding = policy_kwargs(train, registry)
+            kw["actions"], kw["free_input"] = list(decoding["actions"]), decoding["free_input"]
         return {k: v for k, v in kw.items() if v is not None}
 
     def build(self, registry, train, **overrides: Any):
@@ -166,7 +173,7 @@ class PolicyConfig:
         if not self.served:
             raise ConfigError("backend 'transformers' has no served policy.", entry="policy", field="backend",
                               fix="set backend: openai.")
-        kw = {**self.openai_kwargs(train), **overrides}
+        kw = {**self.openai_kwargs(train, registry), **overrides}
         model = kw.pop("model", self.model)
         return OpenAIPolicy(self.base_url, model, registry, **kw)
 

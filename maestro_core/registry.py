@@ -147,9 +147,11 @@ class ActionGrammar:
     actions: tuple[str, ...]
     """Every valid `EXPERT@@SKILL` and `EXPERT@@SKILL/SOLVER`, sorted."""
 
-    def regex(self) -> str:
+    def regex(self, free_input: bool = True) -> str:
+        """One turn; `free_input=False`: calls carry no input (the runner forwards the question)."""
         targets = "|".join(re.escape(a) for a in self.actions)
-        return (r"(?:<think>[^<]*</think>\s*)?(?:<call>(?:" + targets + r")(?:: [^<]*)?</call>"
+        call_input = r"(?:: [^<]*)?" if free_input else ""
+        return (r"(?:<think>[^<]*</think>\s*)?(?:<call>(?:" + targets + r")" + call_input + r"</call>"
                 r"|<answer>[^<]*</answer>)")
 
     def ebnf(self) -> str:

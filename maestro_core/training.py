@@ -440,7 +440,7 @@ class TrainingRun:
         if self.config.explore:
             spec["explore"] = self.config.explore
         if self.served is not None:  # no API key in it: OpenAIPolicy reads the environment
-            kw = self.policy.openai_kwargs(self.config)
+            kw = self.policy.openai_kwargs(self.config, self.registry)
             spec = {"kind": "served", "base_url": self.served.base_url, "model": self.served.model, **kw,
                     "checkpoint_id": f"{self.run_id}/ckpt-{it}", "seed": kw["seed"] * 100_003 + it * 1009}
         return chunk_specs(items, run_id=self.run_id, iteration=it, chunk_size=self.config.chunk_size or len(items),

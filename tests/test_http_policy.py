@@ -385,3 +385,35 @@ def test_a_budget_narrows_the_served_grammar(reg):
     none = policy.turn_regex(EpisodeView("e", 0, 0, 4, budget_left=0.0))
     assert not _re.fullmatch(none, f"<call>{reg.grammar().actions[0]}</call>")
     assert _re.fullmatch(none, "<answer>7</answer>")
+
+
+def test_the_served_grammar_follows_the_training_action_space(reg):
+    """`actions: level1` and `call_input: question` narrow the regex sent to the server as they
+    narrow the in-process policy's constraint, under a budget too."""
+    import re as _re
+
+    from maestro_core.errors import ConfigError
+    from maestro_core.policy import EpisodeView
+    from maestro_core.policy_config import PolicyConfig
+    from maestro_core.training import TrainConfig
+
+    every = reg.grammar().actions
+    level1 = [a for a in every if "/" not in a]
+    level2 = [a for a in every if "/" in a]
+    assert level1 and level2
+    pcfg = PolicyConfig(backend="openai", checkpoint="c", base_url="http://127.0.0.1:9/v1")
+    kw = pcfg.openai_kwargs(TrainConfig(), reg)  # the CPU default: level-1 actions, the question forwarded
+    assert kw["actions"] == level1 and kw["free_input"] is False
+    policy = OpenAIPolicy("http://127.0.0.1:9/v1", "m", reg, record_tokens=False, actions=kw["actions"],
+                          free_input=kw["free_input"])
+    for view in (EpisodeView("e", 0, 0, 4), EpisodeView("e", 0, 0, 4, budget_left=1.0)):
+        rx = policy.turn_regex(view)
+        assert all(_re.fullmatch(rx, f"<call>{a}</call>") for a in level1)
+        assert not any(_re.fullmatch(rx, f"<call>{a}</call>") for a in level2)
+        assert not _re.fullmatch(rx, f"<call>{level1[0]}: 2 + 2</call>") and _re.fullmatch(rx, "<answer>4</answer>")
+    free = PolicyConfig(backend="openai", checkpoint="c", base_url="u").openai_kwargs(
+        TrainConfig(actions="all", call_input="free"), reg)
+    assert free["actions"] == list(every) and free["free_input"] is True
+    assert "actions" not in pcfg.openai_kwargs(TrainConfig())  # without a registry: the server's full grammar
+    with pytest.raises(ConfigError, match="not in registry"):
+        OpenAIPolicy("http://127.0.0.1:9/v1", "m", reg, record_tokens=False, actions=["nobody@@math"])
