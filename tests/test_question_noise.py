@@ -60,7 +60,7 @@ def test_one_noisy_view_per_group_for_the_configured_share():
     assert all(v != it.question for v, it in zip((grp[0] for grp in groups), items) if v is not None)
     assert views == TrainingRun.question_views_for(run, 3, items)  # seeded by the iteration
     assert views != TrainingRun.question_views_for(run, 4, items)
-    assert TrainingRun.question_views_for(SimpleNamespace(config=TrainConfig()), 3, items) is None
+    assert TrainingRun.question_views_for(SimpleNamespace(config=TrainConfig(question_noise_share=0)), 3, items) is None
 
 
 async def test_the_prompt_shows_the_view_and_the_call_forwards_the_items_question(registry):
