@@ -95,7 +95,7 @@ def checkpoint(tok, tmp_path) -> Path:
 
 def train_cfg(**kw) -> TrainConfig:
     base = dict(iterations=2, prompts_per_iteration=2, max_turns=2, max_turn_tokens=32, eval_every=2, val_items=2,
-                temperature=1.0, cost_lambdas=(), seed=3,
+                temperature=1.0, cost_lambdas=(), seed=3, question_noise_share=0.0,
                 grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8, temperature=1.0))
     base.update(kw)
     return TrainConfig(**base)
