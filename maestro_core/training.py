@@ -507,7 +507,7 @@ class TrainingRun:
         self._prune(keep=it + 1)
         if validate_now:
             self.checkpoints.append(ck)
-            if self.best is None or row["val_accuracy"] > self.best[0]:
+            if self.best is None or row["val_accuracy"] >= self.best[0]:  # ties: the later one, as `best` resolves
                 self.best = (row["val_accuracy"], ck)
             write_curve(self.curve, self.out_dir, self.run_id)
         self.log(_row_text(row))
