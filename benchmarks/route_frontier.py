@@ -46,8 +46,8 @@ def main() -> None:
     metrics = json.loads(args.metrics.read_text())
     run = metrics["run_id"]
     with Store(args.home) as store:
-        episodes = store.episodes(run).to_pylist()
-        iterations = sorted({e["iteration"] for e in episodes if e["checkpoint_id"] == "baseline"})
+        iterations = store.query("SELECT DISTINCT iteration FROM episodes WHERE run_id = ? AND checkpoint_id = "
+                                 "'baseline' ORDER BY iteration", [run])["iteration"].to_pylist()
         table, order = {}, None
         for k in iterations:
             trajs = store.trajectories(run, k)

@@ -51,21 +51,25 @@ def template_frontier(table: Mapping[str, Sequence[Trajectory]], templates: Sequ
     # per template and pair: (correct answers, total cost in units)
     options = {g: [(p, sum(table[p][i].outcome for i in idx), round(sum(table[p][i].total_cost for i in idx) / unit))
                    for p in sorted(table)] for g, idx in groups.items()}
+    # one pass up to the largest cap: the best route set for each exact total cost; a cap then
+    # takes the best state at or under it (costs are >= 0, so a smaller cap's states are a subset)
+    limit = int(max(caps, default=0.0) * n / unit + 1e-9)
+    best: dict[int, tuple[float, tuple[tuple[str, str], ...]]] = {0: (0.0, ())}
+    for g in sorted(options):
+        nxt: dict[int, tuple[float, tuple[tuple[str, str], ...]]] = {}
+        for spent, (correct, routes) in best.items():
+            for p, ok, cost in options[g]:
+                c = spent + cost
+                if c <= limit and (c not in nxt or nxt[c][0] < correct + ok):
+                    nxt[c] = (correct + ok, routes + ((g, p),))
+        best = nxt
     out = []
     for cap in caps:
-        limit = int(cap * n / unit + 1e-9)
-        best: dict[int, tuple[float, tuple[tuple[str, str], ...]]] = {0: (0.0, ())}
-        for g in sorted(options):
-            nxt: dict[int, tuple[float, tuple[tuple[str, str], ...]]] = {}
-            for spent, (correct, routes) in best.items():
-                for p, ok, cost in options[g]:
-                    c = spent + cost
-                    if c <= limit and (c not in nxt or nxt[c][0] < correct + ok):
-                        nxt[c] = (correct + ok, routes + ((g, p),))
-            best = nxt
-        if not best:
+        cap_units = int(cap * n / unit + 1e-9)
+        within = [(c, v) for c, v in best.items() if c <= cap_units]
+        if not within:
             out.append({"cap": cap, "accuracy": None, "cost_per_task": None, "routes": {}})
             continue
-        spent, (correct, routes) = max(best.items(), key=lambda kv: (kv[1][0], -kv[0]))
+        spent, (correct, routes) = max(within, key=lambda kv: (kv[1][0], -kv[0]))
         out.append({"cap": cap, "accuracy": correct / n, "cost_per_task": spent * unit / n, "routes": dict(routes)})
     return out
