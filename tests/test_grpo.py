@@ -84,7 +84,7 @@ class Toy:
 
     @torch.no_grad()
     def _sample(self, ctx: list[int], allowed: list[int]) -> tuple[int, float]:
-        logits = self.model(torch.tensor([ctx])).logits[0, -1].float()
+        logits = self.model(self._ids(ctx)).logits[0, -1].float().cpu()
         logp = torch.log_softmax(logits, -1)
         sub = torch.softmax(logits[allowed], -1)  # constrained decoding over the allowed tokens
         j = int(torch.multinomial(sub, 1, generator=self.gen))
@@ -92,7 +92,11 @@ class Toy:
 
     @torch.no_grad()
     def _logp(self, ctx: list[int], token: int) -> float:
-        return float(torch.log_softmax(self.model(torch.tensor([ctx])).logits[0, -1].float(), -1)[token])
+        return float(torch.log_softmax(self.model(self._ids(ctx)).logits[0, -1].float(), -1)[token])
+
+    def _ids(self, ctx: list[int]):
+        # after an update on a GPU machine the model lives on CUDA (TRL's use_cpu is off there)
+        return torch.tensor([ctx], device=next(self.model.parameters()).device)
 
     def episode(self, iteration: int, item: int, sample: int) -> Trajectory:
         self.model.eval()
@@ -287,7 +291,7 @@ def test_lora_update_changes_only_adapters(tok, tmp_path):
         if "lora_" not in n:
             key = n.replace("base_model.model.", "").replace(".base_layer", "")
             if key in base:
-                assert torch.equal(p, base[key]), n
+                assert torch.equal(p.cpu(), base[key].cpu()), n
 
 
 def test_long_lived_trainer_collects_with_current_weights(tok, tmp_path):
@@ -341,7 +345,7 @@ def test_toy_routing_learns_through_rollout_func(tok, tmp_path):
     assert sum(rewards[:2]) / 2 < 0.5
     final = sum(toy.episode(999, i, s).reward for i in items for s in range(16)) / (16 * K)
     assert final > 0.8, (final, rewards)
-    assert any(not torch.equal(a, b) for a, b in zip(first, model.parameters()))
+    assert any(not torch.equal(a.cpu(), b.cpu()) for a, b in zip(first, model.parameters()))
     assert elapsed < 60
     assert os.path.isdir(tmp_path)
 

@@ -307,7 +307,7 @@ def _teacher_forced_logprobs(model, processor, policy, prompt_msgs, images, ctx,
         logits = model(input_ids=full, **kw).logits[0, len(ctx) - 1:-1].float()
     st, out = policy.constraint.start(), []
     for k, t in enumerate(ids):
-        lp = torch.log_softmax(logits[k].masked_fill(~st.mask(), float("-inf")) / temperature, -1)[t]
+        lp = torch.log_softmax(logits[k].masked_fill(~st.mask().to(logits.device), float("-inf")) / temperature, -1)[t]
         out.append(float(lp))
         st.advance(t)
     return out
@@ -386,7 +386,8 @@ async def _rollout_and_update(reg, tmp_path, model, processor, vision_prefix, n_
     res = grpo_update(model, processor, trajs, settings, str(tmp_path / "grpo"), images=images)
     assert res.params_changed and res.loss is not None
     # the vision tower learns only if the update's forward saw the pixels
-    changed = [n for n, p in model.named_parameters() if n in vision_before and not torch.equal(p, vision_before[n])]
+    changed = [n for n, p in model.named_parameters()
+               if n in vision_before and not torch.equal(p.cpu(), vision_before[n].cpu())]
     assert changed, "no vision-tower parameter moved: the update's forward did not get the images"
 
     # the rollout_func reads the group key back from TRL's multimodal prompts

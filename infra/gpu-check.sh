@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The checks that need a GPU machine, in one short run (about 2 minutes on an H100/H200):
+# the Qwen2-VL rollout + GRPO step (its processor needs torchvision, which the CPU venv must
+# not have), and the GRPO / LM-policy tests with TRL's update on CUDA (use_cpu is off when a
+# GPU is present, so the model trains on the GPU and samples the next rollouts from there).
+#
+# On a machine with torch + torchvision + CUDA but without this project's other packages, put
+# the missing wheels in .whl/ first (trl, datasets, duckdb, pytest-asyncio, and a transformers
+# >= the one in .venv); they are installed to /tmp/site, never over the system's packages.
+# Usage: bash infra/gpu-check.sh [OUT_DIR]
+set -u
+out=${1:-/tmp/maestro-gpu-check}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 - <<'PY' | tee -a "$out/gpu.txt"
+import importlib.metadata as md
+import torch
+print("cuda available:", torch.cuda.is_available(), torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+for d in ("torch", "torchvision", "transformers", "trl", "accelerate", "peft", "datasets", "pyarrow", "duckdb", "tokenizers"):
+    try:
+        print(f"{d}=={md.version(d)}")
+    except md.PackageNotFoundError:
+        print(f"{d}: missing")
+PY
+python3 -m pytest -p no:cacheprovider tests/test_vlm.py tests/test_grpo.py tests/test_lm_policy.py \
+  -q -rs --durations=8 --junitxml="$out/junit.xml" 2>&1 | tee "$out/pytest.log"
+exit "${PIPESTATUS[0]}"
