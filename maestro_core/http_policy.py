@@ -43,6 +43,15 @@ AutoTokenizer, or a tokenizer object) and its chat template, as `LMPolicy` does,
 prompt_ids + completion ids of a trajectory match the server's rendering of the chat.
 Recording tokens needs that tokenizer (ConfigError otherwise).
 
+Vision-language policies (`vision=True`, e.g. a served Qwen3-VL): `tokenizer` is the
+checkpoint's processor (loaded with AutoProcessor from a directory or hub id). The prompt's
+`[image i: WxH]` descriptors are replaced by the episode's images (from the EpisodeView, as
+EpisodeRunner passes them), sent as `image_url` parts with PNG data URIs
+(`multimodal.openai_messages`), and the prompt ids are the processor's, with each image's
+placeholder tokens expanded (`multimodal.ProcessorChatEncoder`), as the server renders them;
+`prompt_token_ids` checks that. The GRPO update then needs the processor and the images
+(`grpo_update(..., images=...)`; TrainingRun does this with `policy: {vision: true}`).
+
 HTTP: the API key comes from the environment (`api_key_env`, else MAESTRO_API_KEY, then
 OPENAI_API_KEY; none: no Authorization header), is sent as `Authorization: Bearer`, and
 never logged nor put into an error message (error bodies echoing it are redacted). 429,
@@ -155,7 +164,7 @@ class OpenAIPolicy:
                  max_concurrency: int = 256, trust_env: bool = False, checkpoint_id: str | None = None,
                  sync: str = "reload_weights", sync_requests: Sequence[tuple[str, Any]] | None = None,
                  sync_timeout_s: float = 900.0, lora_name_prefix: str = "maestro-policy",
-                 actions: Sequence[str] | None = None, free_input: bool = True):
+                 actions: Sequence[str] | None = None, free_input: bool = True, vision: bool = False):
         if temperature < 0:
             raise ConfigError("temperature must be >= 0.", field="temperature", fix="use e.g. 1.0 (the paper's setting).")
         if max_tokens < 1:
@@ -199,6 +208,17 @@ class OpenAIPolicy:
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
         self._lora_loaded: str | None = None
         self._warned_mismatch = False
+        self.vision = bool(vision)
+        self.processor = None
+        self._uris: OrderedDict[str, str] = OrderedDict()
+        if self.vision:
+            self.processor = _load_processor(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+            if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "apply_chat_template"):
+                raise ConfigError(f"vision needs the served checkpoint's processor, got {type(tokenizer).__name__}.",
+                                  field="tokenizer", fix="pass tokenizer=<the checkpoint directory or hub id> (its "
+                                  "AutoProcessor is loaded) or the processor object; for a text-only model set "
+                                  "vision: false.")
+            tokenizer = self.processor.tokenizer
         self.tokenizer = _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         if record_tokens and self.tokenizer is None:
             raise ConfigError("recording token ids needs the served checkpoint's tokenizer (prompt and observation "
@@ -208,6 +228,10 @@ class OpenAIPolicy:
         self.eos_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         self._turns: OrderedDict[str, dict[int, tuple[str, tuple[int, ...]]]] = OrderedDict()
         self.encoder = ChatEncoder(self.tokenizer, self.chat_template_kwargs) if self.tokenizer is not None else None
+        if self.vision:  # prompt ids with the image placeholders expanded, as the server's processor does
+            from maestro_core.multimodal import ProcessorChatEncoder
+
+            self.encoder = ProcessorChatEncoder(self.processor, self.chat_template_kwargs)
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIPolicy(base_url={self.base_url!r}, model={self.model!r}, checkpoint_id={self.checkpoint_id!r})"
@@ -241,8 +265,42 @@ class OpenAIPolicy:
                 return ActionGrammar(ok).regex(self.free_input) if ok else ANSWER_ONLY_REGEX
         return self.regex
 
+    def request_messages(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None) -> list[dict]:
+        """The chat messages sent: the runner's, and with `vision` the episode's images (from the
+        EpisodeView, as EpisodeRunner passes them) as image_url parts of the user message in place
+        of its `[image i: WxH]` descriptors (maestro_core.multimodal.openai_messages)."""
+        if not self.vision:
+            return [dict(m) for m in messages]
+        from maestro_core.multimodal import openai_messages, split_descriptors
+
+        images = tuple(view.images) if view is not None and view.images else ()
+        user = next((m for m in messages if m.get("role") == "user"), None)
+        if not images and (user is None or not split_descriptors(str(user["content"]))[1]):
+            return [dict(m) for m in messages]
+        if not images:
+            raise ConfigError(f"episode {view.episode_id if view else '?'}: the prompt shows images but its "
+                              "EpisodeView carries none, so the served VLM would not see them.", field="images",
+                              fix="run the episode with EpisodeRunner (which passes item.images in the view) or pass "
+                                  "EpisodeView(..., images=item.images).")
+        return openai_messages(messages, images, uri=self._image_uri)
+
+    def _image_uri(self, img: Any, index: int) -> str:
+        from maestro_core.multimodal import image_data_uri
+
+        if not isinstance(img, (str, Path)):
+            return image_data_uri(img, index=index)
+        key = str(img)
+        uri = self._uris.get(key)
+        if uri is None:
+            uri = self._uris[key] = image_data_uri(key, index=index)
+            while len(self._uris) > 256:
+                self._uris.popitem(last=False)
+        else:
+            self._uris.move_to_end(key)
+        return uri
+
     def request_body(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in messages],
+        body: dict[str, Any] = {"model": self.model, "messages": self.request_messages(messages, view),
                                 "temperature": self.temperature, "max_tokens": self.max_tokens}
         if self.seed is not None:
             key = f"{self.seed}\x1f{view.episode_id if view else ''}\x1f{view.turn if view else 0}"
@@ -513,6 +571,15 @@ def _load_tokenizer(path: str | Path):
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from {path}: {e}", field="tokenizer",
                           fix="pass the served checkpoint's directory (with its tokenizer files) or hub id.") from e
+
+
+def _load_processor(path: str | Path):
+    from transformers import AutoProcessor
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a processor from {path}: {e}", field="tokenizer",
+                          fix="pass the served VLM checkpoint's directory (with its processor files) or hub id.") from e
 
 
 def _first_choice(data: Any, who: str) -> dict:

@@ -166,6 +166,41 @@ def load_image(path: str | Path, *, index: int = 1):
         return im.convert("RGB")
 
 
+def image_data_uri(img: ImageLike, *, index: int = 1) -> str:
+    """A `data:image/png;base64,...` URI of a validated image file or a PIL image (RGB, PNG):
+    how an OpenAI-compatible server (vLLM) takes an image in a chat message."""
+    import base64
+    import io
+
+    pil = load_image(img, index=index) if isinstance(img, (str, Path)) else img.convert("RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def openai_messages(messages: Sequence[Mapping[str, Any]], images: Sequence[ImageLike], *,
+                    uri: Any = None) -> list[dict[str, Any]]:
+    """The runner's text messages in the OpenAI chat format with images, for a vision-language
+    model behind an OpenAI-compatible server: the first user message becomes
+    `[{"type": "image_url", "image_url": {"url": data URI}} for each image] + [{"type": "text",
+    "text": its text without the descriptors}]`, in the order and with the checks of
+    `multimodal_messages`; every other message keeps its string content. `uri(img, index)`
+    makes the data URI (default `image_data_uri`; a caller may cache it)."""
+    hf = multimodal_messages(messages, images)
+    u = _user_index(messages)
+    make = uri or (lambda img, k: image_data_uri(img, index=k))
+    out = [dict(m) for m in messages]
+    parts, k = [], 0
+    for part in hf[u]["content"]:
+        if part["type"] == "image":
+            k += 1
+            parts.append({"type": "image_url", "image_url": {"url": make(part["image"], k)}})
+        else:
+            parts.append(dict(part))
+    out[u] = {**messages[u], "content": parts}
+    return out
+
+
 def placeholder_images(messages: Sequence[Mapping[str, Any]]) -> list[Any]:
     """One blank RGB image per descriptor of the user message, of the descriptor's size: what
     the processor needs to expand the prompt's image placeholders (their number depends only on

@@ -48,6 +48,10 @@ class PolicyConfig:
     model: str = _f("maestro-policy", "openai: the served model name (vllm serve --served-model-name).")
     tokenizer: str | None = _f(None, "openai: hub id or folder of the tokenizer that encodes prompts and "
                                      "observations (must be the served checkpoint's own); default: checkpoint.")
+    vision: bool = _f(False, "openai: the checkpoint is a vision-language model (Qwen3-VL-class): the learner is "
+                             "loaded with AutoModelForImageTextToText and its AutoProcessor, the server gets each "
+                             "episode's images as image_url parts, prompt ids are the processor's (image "
+                             "placeholders expanded), and the GRPO update sees the images.")
     temperature: float | None = _f(None, "Sampling temperature of rollouts; default: train.temperature, and it "
                                          "must equal it (TRL recomputes logprobs at grpo.temperature). vLLM reports "
                                          "logprobs before temperature unless served with --logprobs-mode "
@@ -178,25 +182,39 @@ class PolicyConfig:
         return OpenAIPolicy(self.base_url, model, registry, **kw)
 
 
-def load_learner(checkpoint: str | Path):
+def load_learner(checkpoint: str | Path, *, vision: bool = False):
     """The learner (model, tokenizer) from a hub id or a local folder, with transformers
     (`local_files_only` for a folder; float32 weights, as every checkpoint is loaded). The
     tokenizer gets a pad token (GRPO needs one: the EOS token when it has none) and pads on
-    the left."""
+    the left. With `vision`: (AutoModelForImageTextToText, AutoProcessor), the padding set on
+    the processor's tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     src = str(checkpoint)
     local = Path(src).is_dir()
     try:
+        if vision:
+            from transformers import AutoModelForImageTextToText
+
+            proc = AutoProcessor.from_pretrained(src, local_files_only=local)
+            model = AutoModelForImageTextToText.from_pretrained(src, local_files_only=local, dtype=torch.float32)
+            if not hasattr(proc, "tokenizer"):
+                raise ValueError(f"{type(proc).__name__} is a tokenizer, not a vision-language processor")
+            tok = proc.tokenizer
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token
+            tok.padding_side = "left"
+            return model.eval(), proc
         tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(src, local_files_only=local, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the learner from '{src}': {e}", entry="policy", field="checkpoint",
-                          fix="pass a folder with config.json, the weights and the tokenizer files, or a hub id "
-                              "that is downloaded (or in the Hugging Face cache when offline).") from e
+                          fix="pass a folder with config.json, the weights and the tokenizer (with vision: the "
+                              "processor) files, or a hub id that is downloaded (or in the Hugging Face cache when "
+                              "offline); a text-only checkpoint needs vision: false.") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from maestro_core.cache import ExpertCache
 from maestro_core.dataset import Item
@@ -264,9 +264,12 @@ def episode_config(config: TrainConfig) -> EpisodeConfig:
                          reward=RewardConfig(cost_scale=config.cost_scale))
 
 
-def update(model, tokenizer, trajectories: Sequence[Trajectory], config: TrainConfig, out_dir: Path):
+def update(model, tokenizer, trajectories: Sequence[Trajectory], config: TrainConfig, out_dir: Path, *,
+           images: Mapping[str, Sequence[str]] | None = None):
+    """One GRPO step; a vision-language learner passes its processor as `tokenizer` and the
+    episodes' item images as `images` ({item_id: paths})."""
     model.train()
-    return grpo_update(model, tokenizer, list(trajectories), config.grpo, str(out_dir / "trainer"))
+    return grpo_update(model, tokenizer, list(trajectories), config.grpo, str(out_dir / "trainer"), images=images)
 
 
 def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config: TrainConfig, experts, cache, *,
@@ -361,7 +364,7 @@ class TrainingRun:
             last = done[-1]
             path = local_copy(last, self.out_dir / last.name, self.objects)
             if self.policy.served:
-                self.model, self.tokenizer = load_learner(path)
+                self.model, self.tokenizer = load_learner(path, vision=self.policy.vision)
             else:
                 lm = load_checkpoint_policy(path, registry, temperature=config.temperature)
                 self.model, self.tokenizer = lm.model, lm.tokenizer
@@ -374,7 +377,7 @@ class TrainingRun:
             log(f"resuming run {self.run_id} from {last.name} (iteration {self.start} of {config.iterations})")
         else:
             if self.policy.served:  # the initial weights the server starts on
-                self.model, self.tokenizer = load_learner(self.policy.checkpoint)
+                self.model, self.tokenizer = load_learner(self.policy.checkpoint, vision=self.policy.vision)
             else:
                 self.model, self.tokenizer, _ = build_policy(registry, [it.question for it in train_items], config,
                                                              messages=warmup_messages(registry, train_items, config))
@@ -485,7 +488,11 @@ class TrainingRun:
             raise ConfigError(f"iteration {it} of run {self.run_id} has {len(trajs)} stored episodes, expected {want}.",
                               source="training", fix="collect the missing chunks (rerun the iteration), then update.")
         t1 = time.perf_counter()
-        res = update(self.model, self.tokenizer, trajs, cfg, self.out_dir)
+        images = None
+        if self.policy.vision:  # the update's forward sees each episode's images
+            by_id = {it.id: it.images for it in self.train_items}
+            images = {t.item_id: by_id[t.item_id] for t in trajs if t.item_id in by_id}
+        res = update(self.model, self.tokenizer, trajs, cfg, self.out_dir, images=images)
         n = len(trajs)
         row = {"iteration": it, "mean_reward": sum(t.reward for t in trajs) / n,
                "accuracy": sum(t.outcome for t in trajs) / n, "calls_per_task": sum(t.n_calls for t in trajs) / n,

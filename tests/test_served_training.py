@@ -190,6 +190,7 @@ def test_policy_section_is_typed_and_checked(tmp_path):
     kw = pcfg.openai_kwargs(tcfg)
     assert set(kw) <= set(inspect.signature(OpenAIPolicy).parameters)
     assert (kw["temperature"], kw["max_tokens"], kw["tokenizer"]) == (1.0, 1024, "Qwen/Qwen3-VL-4B-Thinking")
+    assert kw["vision"] is True  # the Qwen3-VL policy sees the images (tests/test_served_vlm.py)
     with pytest.raises(ConfigError, match="field 'temperature'.*train.temperature"):
         PolicyConfig(backend="openai", checkpoint="c", base_url="u", temperature=0.7).check_train(tcfg)
 
