@@ -87,6 +87,11 @@ class TrainConfig:
         "help": "Share of training groups with a budget from cost_budgets. 0.25 on CPU: with 0.5, the "
                 "unbudgeted chart groups (the only ones where rapidocr@@chart can be tried) were too few to "
                 "pull charts off text OCR at 1 seed in 2 (docs/POLICY.md, run to run)."})
+    cost_prior: float = field(default=0.0, metadata={
+        "help": "Strength beta of a label-free cost prior fitted after the warm-up: the first call's target "
+                "distribution starts at p(a) ~ exp(-beta x min(call cost estimate / cost_scale, 2)) (output layer "
+                "only; action_prior / fit_action_prior), so RL starts from the cheap routes and moves to a dearer "
+                "one where the outcome pays for it (GRPO keeps the incumbent on ties). 0: off."})
     question_noise_share: float = field(default=0.5, metadata={
         "help": "Share of training groups whose prompt shows a noisy question (question_noise.py: words dropped "
                 "with probability question_drop, replaced by random letters with probability question_replace; "
@@ -127,6 +132,9 @@ class TrainConfig:
             raise ConfigError(f"question_noise_share must be in [0, 1], got {self.question_noise_share}.",
                               field="question_noise_share", fix="use e.g. 0.5, or 0 to switch it off.")
         QuestionNoise(self.question_drop, self.question_replace)  # validates both
+        if not (self.cost_prior >= 0):
+            raise ConfigError(f"cost_prior must be >= 0, got {self.cost_prior}.", field="cost_prior",
+                              fix="use 0 (off) or a positive strength such as 2.")
         if any(not (lam >= 0) for lam in self.cost_lambdas):
             raise ConfigError(f"cost_lambdas {self.cost_lambdas} has a negative value.", field="cost_lambdas",
                               fix="use weights >= 0, e.g. [0, 1, 2], or [] to switch it off.")
@@ -220,6 +228,67 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
     return losses
 
 
+def action_prior(registry: Registry, actions: Sequence[str], beta: float, cost_scale: float) -> list[float]:
+    """p(a) ~ exp(-beta x min(call cost estimate of a's expert / cost_scale, 2)) over `actions`:
+    the prices alone (Expert.call_cost_estimate), no outcome or label."""
+    import math
+
+    w = [math.exp(-beta * min(registry.experts[a.split("@@", 1)[0]].call_cost_estimate() / cost_scale, 2.0))
+         for a in actions]
+    z = sum(w)
+    return [x / z for x in w]
+
+
+def fit_action_prior(model, tokenizer, prompts: Sequence[str], actions: Sequence[str], prior: Sequence[float], *,
+                     steps: int = 100, lr: float = 1e-2, batch_size: int = 16, seed: int = 0) -> list[float]:
+    """Fit the first call's target distribution (right after the prompt and `<call>`, restricted
+    to the action tokens, as constrained decoding samples it) to `prior`, for every prompt alike,
+    by training the output layer only (the reader warm-up's state is kept). Returns the KL per
+    step. Needs each action to start with its own token (the CPU policy's tokenizer)."""
+    import torch
+
+    first = [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in actions]
+    if len(set(first)) != len(first):
+        raise ConfigError("the actions do not start with distinct tokens, so a prior over them cannot be fitted.",
+                          field="cost_prior", fix="use the policy tokenizer built by build_policy (one token per "
+                                                  "action), or cost_prior: 0.")
+    opener = tokenizer("<call>", add_special_tokens=False)["input_ids"]
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] + opener for p in prompts]
+    head = model.get_output_embeddings()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    for prm in head.parameters():
+        prm.requires_grad_(True)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    target = torch.tensor(list(prior), dtype=torch.float32)
+    idx = torch.tensor(first)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(seed)
+    kls = []
+    try:
+        for _ in range(steps):
+            batch = [enc[rng.randrange(len(enc))] for _ in range(batch_size)]
+            n = max(len(b) for b in batch)
+            ids = torch.full((len(batch), n), pad, dtype=torch.long)
+            att = torch.zeros((len(batch), n), dtype=torch.long)
+            for i, b in enumerate(batch):  # left padding: the last position is every row's first-action position
+                ids[i, n - len(b):] = torch.tensor(b)
+                att[i, n - len(b):] = 1
+            pos = (att.cumsum(-1) - 1).clamp_min(0)
+            logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits[:, idx], dim=-1)
+            kl = (target * (target.clamp_min(1e-12).log() - logp)).sum(-1).mean()
+            opt.zero_grad()
+            kl.backward()
+            opt.step()
+            kls.append(float(kl.detach()))
+    finally:
+        for prm in model.parameters():
+            prm.requires_grad_(True)
+    model.eval()
+    return kls
+
+
 def warmup_messages(registry: Registry, items: Sequence[Item], config: TrainConfig) -> list[list[dict]]:
     """The first-turn prompts the warm-up reads, as RL will show them: each item with every
     cost weight of the grid (when trained with one) and without and with each training budget."""
@@ -252,6 +321,11 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
         torch.manual_seed(config.seed)
         try:
             pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed)
+            if config.cost_prior:
+                actions = policy_kwargs(config, registry)["actions"]
+                fit_action_prior(model, tok, [p for p, _ in examples], actions,
+                                 action_prior(registry, actions, config.cost_prior, config.cost_scale),
+                                 seed=config.seed)
         finally:
             torch.random.set_rng_state(state)
     policy = LMPolicy(model, tok, registry, temperature=config.temperature if temperature is None else temperature,

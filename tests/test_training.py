@@ -81,6 +81,44 @@ def test_label_free_warm_up_makes_the_action_position_read_the_question():
     assert separation(150) > 2 * separation(0)
 
 
+def test_cost_prior_starts_the_first_call_on_the_cheap_targets():
+    """fit_action_prior: after the warm-up, the first call's constrained target distribution is
+    the price prior for every question (output layer only: the reader's state is untouched);
+    cost_prior 0 leaves it near uniform."""
+    import pytest
+    import torch
+
+    from maestro_core.episode import build_messages
+    from maestro_core.errors import ConfigError
+    from maestro_core.training import action_prior, build_policy, policy_kwargs
+
+    reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
+    items = [Item(f"a{i}", "arith", f"What is {i} + {2 * i}?", "0", "numeric") for i in range(8)]
+    msgs = [build_messages(reg, it, compact=True) for it in items]
+
+    def first_call(beta):
+        cfg = TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=50, cost_prior=beta,
+                          cost_scale=0.001)
+        model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+        acts = policy_kwargs(cfg, reg)["actions"]
+        idx = [tok(a, add_special_tokens=False)["input_ids"][0] for a in acts]
+        call = tok("<call>", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = [torch.softmax(model(torch.tensor([list(pol.encode_prompt(m)) + call])).logits[0, -1, idx], -1)
+                   for m in msgs]
+        return acts, torch.stack(out), action_prior(reg, acts, beta or 1.0, cfg.cost_scale), model, cfg
+
+    acts, fitted, prior, model, cfg = first_call(2.0)
+    assert all(p.requires_grad for p in model.parameters())
+    assert float((fitted - torch.tensor(prior)).abs().max()) < 0.05, (acts, prior, fitted[0])
+    cheap, dear = acts.index("calc@@math"), acts.index("counter@@text")
+    assert prior[cheap] > 5 * prior[dear]  # $0.001 against $0.002 per call, at cost_scale $0.001: e^2
+    _, flat, *_ = first_call(0.0)
+    assert float(flat[:, cheap].mean()) < 2.5 / len(acts)
+    with pytest.raises(ConfigError, match="cost_prior"):
+        TrainConfig(cost_prior=-1.0)
+
+
 def test_a_partial_grpo_section_overrides_the_cpu_profile_not_the_paper_defaults():
     from maestro_core.config import build
     cfg = build(TrainConfig, {"iterations": 3, "grpo": {"scale_rewards": "none"}}, section="train")
