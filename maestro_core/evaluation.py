@@ -325,10 +325,10 @@ async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], 
     t0 = time.perf_counter()
     policy = load_checkpoint_policy(path, registry, temperature=0.0)
     meta = read_meta(path)
-    from maestro_core.training import trained_with_cost
+    from maestro_core.training import default_cost_lambda
 
-    if cost_lambda is None and trained_with_cost(meta.get("config", {})):
-        cost_lambda = 0.0  # trained with a cost weight in every prompt: show it, at 0 by default
+    if cost_lambda is None:  # trained with a cost weight in every prompt: its grid's smallest, shown
+        cost_lambda = default_cost_lambda(meta.get("config", {}))
     runner = EpisodeRunner(registry, experts, policy, cache=cache, config=checkpoint_episode_config(meta, budget=budget))
     trajs = await runner.run(list(items), run_id=run_id, iteration=iteration, cost_lambda=cost_lambda)
     if progress:

@@ -174,6 +174,17 @@ def trained_with_cost(config: dict) -> bool:
     return any(float(x) > 0 for x in lams) or float(config.get("cost_lambda_max", 0) or 0) > 0
 
 
+def default_cost_lambda(config: dict) -> float | None:
+    """The cost weight a checkpoint's prompt shows when the request names none: None for a
+    policy trained without one; else the smallest weight of its training grid (0 when the grid
+    has 0), never a weight the policy has not seen in training (a grid of [0.3] validated at 0
+    would read an unseen prompt)."""
+    if not trained_with_cost(config):
+        return None
+    lams = [float(x) for x in (config.get("cost_lambdas") or ())]
+    return min(lams) if lams else 0.0
+
+
 def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
     """LMPolicy decoding settings of a training config (a TrainConfig or its stored dict)."""
     cfg = asdict(config) if isinstance(config, TrainConfig) else dict(config)
@@ -358,8 +369,8 @@ def validate(registry: Registry, model, tokenizer, items: Sequence[Item], config
         greedy = LMPolicy(model, tokenizer, registry, temperature=0.0, checkpoint_id="validation",
                           **policy_kwargs(config, registry))
     runner = EpisodeRunner(registry, experts, greedy, cache=cache, config=episode_config(config))
-    # trained with a cost weight in every prompt: validate with the weight shown, at 0
-    lam = 0.0 if trained_with_cost(asdict(config)) else None
+    # trained with a cost weight in every prompt: validate with the grid's smallest weight shown
+    lam = default_cost_lambda(asdict(config))
 
     async def go():
         try:

@@ -144,3 +144,13 @@ def test_balanced_batches_take_each_benchmark_in_turn():
     assert batches[0] == TrainingRun.items_for(run, 0) and batches[0] != batches[1]  # seeded by the iteration
     uniform = SimpleNamespace(config=TrainConfig(balanced_batches=False), train_items=items)
     assert any(Counter(it.benchmark for it in TrainingRun.items_for(uniform, k))["math"] < 5 for k in range(20))
+
+
+def test_the_default_cost_weight_is_one_the_policy_was_trained_with():
+    from maestro_core.training import default_cost_lambda
+
+    assert default_cost_lambda({}) is None and default_cost_lambda({"cost_lambdas": [0.0]}) is None
+    assert default_cost_lambda({"cost_lambdas": [0.0, 0.5]}) == 0.0
+    assert default_cost_lambda({"cost_lambdas": [0.3]}) == 0.3  # not 0: the policy never read "Cost weight: 0"
+    assert default_cost_lambda({"cost_lambdas": [0.6, 0.2]}) == 0.2
+    assert default_cost_lambda({"cost_lambda_max": 0.5}) == 0.0  # older configs: a [0, max] range
