@@ -315,7 +315,8 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
                  messages: Sequence[Sequence[dict]] = ()):
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
     warmed up for `config.pretrain_steps` steps (pretrain_reader) on the first-turn prompts of
-    `messages` (system catalogue + user question, as the policy will read them)."""
+    `messages` (system catalogue + user question, as the policy will read them), then, with
+    `config.cost_prior`, its first call's targets fitted to the price prior (fit_action_prior)."""
     from maestro_core.lm_policy import LMPolicy
     from maestro_core.policy_model import build_tiny_model
     from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
@@ -324,14 +325,14 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
                                  extra_tokens=policy_extra_tokens(registry))
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed,
                              tie_embeddings=config.tie_embeddings)
-    if config.pretrain_steps and messages:
+    if (config.pretrain_steps or config.cost_prior) and messages:
         import torch
         examples = [(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True), m[-1]["content"])
                     for m in messages]
         state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
-            pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed)
+            pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed)  # 0 steps: none
             if config.cost_prior:
                 actions = policy_kwargs(config, registry)["actions"]
                 fit_action_prior(model, tok, [p for p, _ in examples], actions,
