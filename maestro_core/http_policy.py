@@ -212,7 +212,7 @@ class OpenAIPolicy:
         self.processor = None
         self._uris: OrderedDict[str, str] = OrderedDict()
         if self.vision:
-            self.processor = _load_processor(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+            self.processor = _load_tokenizer(tokenizer, processor=True) if isinstance(tokenizer, (str, Path)) else tokenizer
             if not hasattr(self.processor, "tokenizer") or not hasattr(self.processor, "apply_chat_template"):
                 raise ConfigError(f"vision needs the served checkpoint's processor, got {type(tokenizer).__name__}.",
                                   field="tokenizer", fix="pass tokenizer=<the checkpoint directory or hub id> (its "
@@ -564,22 +564,16 @@ class OpenAIPolicy:
 
 # ---------------------------------------------------------------------------------------------
 
-def _load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {path}: {e}", field="tokenizer",
-                          fix="pass the served checkpoint's directory (with its tokenizer files) or hub id.") from e
+def _load_tokenizer(path: str | Path, *, processor: bool = False):
+    """The served checkpoint's tokenizer (AutoTokenizer), or with `processor` its AutoProcessor."""
+    from transformers import AutoProcessor, AutoTokenizer
 
-
-def _load_processor(path: str | Path):
-    from transformers import AutoProcessor
+    what, auto = ("processor", AutoProcessor) if processor else ("tokenizer", AutoTokenizer)
     try:
-        return AutoProcessor.from_pretrained(str(path))
+        return auto.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a processor from {path}: {e}", field="tokenizer",
-                          fix="pass the served VLM checkpoint's directory (with its processor files) or hub id.") from e
+        raise ConfigError(f"cannot load a {what} from {path}: {e}", field="tokenizer",
+                          fix=f"pass the served checkpoint's directory (with its {what} files) or hub id.") from e
 
 
 def _first_choice(data: Any, who: str) -> dict:

@@ -82,6 +82,30 @@ def candidates(messages: list[dict]) -> list[str]:
             f"The answer is {a + b}", "<call>nobody@@math: 1</call>", f"<answer>{a + b}</answer> done"]
 
 
+def sample_candidates(next_logits, prompt: list[int], seqs: list[tuple[int, ...]], body: dict, eos: int):
+    """Sample token by token, as a grammar-constrained server does: only tokens that continue one
+    of the allowed sequences `seqs` (each ending with EOS); `next_logits(ids)` is the model's
+    last-position logits. Returns (ids, sampling logprobs at the request's temperature)."""
+    gen = torch.Generator().manual_seed(int(body.get("seed", 0)))
+    temperature = float(body.get("temperature", 1.0)) or 1.0
+    out: list[int] = []
+    lps: list[float] = []
+    while len(out) < int(body.get("max_tokens", 256)):
+        nxt = sorted({s[len(out)] for s in seqs if len(s) > len(out) and list(s[:len(out)]) == out})
+        if not nxt:
+            break
+        logits = next_logits(prompt + out).float()
+        mask = torch.full_like(logits, float("-inf"))
+        mask[nxt] = 0.0
+        logp = torch.log_softmax((logits + mask) / temperature, dim=-1)
+        t = int(torch.multinomial(logp.exp(), 1, generator=gen))
+        out.append(t)
+        lps.append(float(logp[t]))
+        if t == eos:
+            break
+    return out, lps
+
+
 class TinyVLLM:
     """A vLLM-like `/v1/chat/completions` reply built by a tiny causal LM (see the module doc)."""
 
@@ -100,24 +124,9 @@ class TinyVLLM:
         allowed = [c for c in candidates(messages) if rx is None or re.fullmatch(rx, c, flags=re.DOTALL)]
         assert allowed, f"no candidate matches {rx}"
         seqs = [tuple(self.tok.encode(c, add_special_tokens=False)) + (self.eos,) for c in allowed]
-        gen = torch.Generator().manual_seed(int(body.get("seed", 0)))
-        temperature = float(body.get("temperature", 1.0)) or 1.0
-        out: list[int] = []
-        lps: list[float] = []
         with self.lock, torch.no_grad():
-            while len(out) < int(body.get("max_tokens", 256)):
-                nxt = sorted({s[len(out)] for s in seqs if len(s) > len(out) and list(s[:len(out)]) == out})
-                if not nxt:
-                    break
-                logits = self.model(torch.tensor([prompt + out])).logits[0, -1].float()
-                mask = torch.full_like(logits, float("-inf"))
-                mask[nxt] = 0.0
-                logp = torch.log_softmax((logits + mask) / temperature, dim=-1)
-                t = int(torch.multinomial(logp.exp(), 1, generator=gen))
-                out.append(t)
-                lps.append(float(logp[t]))
-                if t == self.eos:
-                    break
+            out, lps = sample_candidates(lambda ids: self.model(torch.tensor([ids])).logits[0, -1], prompt, seqs,
+                                         body, self.eos)
             self.samples.append((tuple(out), tuple(lps), tuple(prompt)))
         body_ids = out[:-1] if out and out[-1] == self.eos else out
         content = self.tok.decode(body_ids, skip_special_tokens=True)

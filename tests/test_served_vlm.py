@@ -36,6 +36,7 @@ from maestro_core.policy_config import PolicyConfig, load_learner  # noqa: E402
 from maestro_core.store import Store  # noqa: E402
 from maestro_core.training import TrainConfig, TrainingRun  # noqa: E402
 from tests.openai_server import OpenAIServer  # noqa: E402
+from tests.test_http_policy import sample_candidates  # noqa: E402
 from tests.test_vlm import math_items, reg, tiny_llava, write_png  # noqa: E402,F401  (reg: fixture)
 
 KEY = "sk-vlm-policy-test-SECRET"
@@ -90,26 +91,12 @@ class TinyVisionVLLM:
         assert allowed, f"no candidate matches {rx}"
         tok = self.processor.tokenizer
         seqs = [tuple(tok.encode(c, add_special_tokens=False)) + (self.eos,) for c in allowed]
-        gen = torch.Generator().manual_seed(int(body.get("seed", 0)))
-        temperature = float(body.get("temperature", 1.0)) or 1.0
-        out: list[int] = []
-        lps: list[float] = []
         with self.lock, torch.no_grad():
             self.images_per_request.append(n)
             self.sent_text.append(text)
-            while True:
-                nxt = sorted({s[len(out)] for s in seqs if len(s) > len(out) and list(s[:len(out)]) == out})
-                if not nxt:
-                    break
-                logits = self.model(input_ids=torch.tensor([prompt + out]), **vision).logits[0, -1].float()
-                mask = torch.full_like(logits, float("-inf"))
-                mask[nxt] = 0.0
-                logp = torch.log_softmax((logits + mask) / temperature, dim=-1)
-                t = int(torch.multinomial(logp.exp(), 1, generator=gen))
-                out.append(t)
-                lps.append(float(logp[t]))
-                if t == self.eos:
-                    break
+            out, lps = sample_candidates(
+                lambda ids: self.model(input_ids=torch.tensor([ids]), **vision).logits[0, -1], prompt, seqs, body,
+                self.eos)
         content = tok.decode(out[:-1] if out and out[-1] == self.eos else out, skip_special_tokens=True)
         choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
                   "logprobs": {"content": [{"token": f"token_id:{t}", "logprob": lp} for t, lp in zip(out, lps)]},
