@@ -220,7 +220,9 @@ def untrained_of(path: str | Path, *, home: str | Path, objects: ObjectStore | N
 
 
 def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0.0, checkpoint_id: str | None = None):
-    """An LMPolicy from a checkpoint folder, with the decoding settings it was trained with."""
+    """An in-process policy from a checkpoint folder, with the decoding settings it was trained
+    with: an LMPolicy, or a VLMPolicy (model + processor) for a checkpoint of a served
+    vision-language policy (its run's `policy: {vision: true}`), which then sees the images."""
     from maestro_core.lm_policy import LMPolicy
     from maestro_core.policy_model import load_policy_model
     from maestro_core.tokenizer import load_policy_tokenizer
@@ -229,7 +231,14 @@ def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0
     path = Path(path)
     meta = read_meta(path)
     cfg = meta.get("config", {})
+    cid = checkpoint_id or f"{meta.get('run_id', path.parent.name)}/{path.name}"
+    if (meta.get("policy") or {}).get("vision"):
+        from maestro_core.multimodal import VLMPolicy
+        from maestro_core.policy_config import load_learner
+
+        model, processor = load_learner(path, vision=True)
+        return VLMPolicy(model, processor, registry, temperature=temperature, **policy_kwargs(cfg, registry),
+                         checkpoint_id=cid)
     model = load_policy_model(path)
     tok = load_policy_tokenizer(path)
-    return LMPolicy(model, tok, registry, temperature=temperature, **policy_kwargs(cfg, registry),
-                    checkpoint_id=checkpoint_id or f"{meta.get('run_id', path.parent.name)}/{path.name}")
+    return LMPolicy(model, tok, registry, temperature=temperature, **policy_kwargs(cfg, registry), checkpoint_id=cid)

@@ -199,6 +199,17 @@ def test_training_a_served_vlm_updates_with_the_images(reg, vlm_checkpoint, tmp_
     # the new checkpoint is a VLM checkpoint: it loads back with its processor
     again, proc = load_learner(tmp_path / "run" / "ckpt-1", vision=True)
     assert type(again).__name__ == "LlavaForConditionalGeneration" and hasattr(proc, "image_processor")
+    # evaluated in process (maestro eval / ask): the checkpoint's policy is a VLMPolicy that sees the images
+    import asyncio
+
+    from maestro_core.checkpoints import load_checkpoint_policy
+    from maestro_core.multimodal import VLMPolicy
+
+    greedy = load_checkpoint_policy(tmp_path / "run" / "ckpt-1", reg)
+    assert isinstance(greedy, VLMPolicy) and greedy.checkpoint_id == "v1/ckpt-1"
+    evald = asyncio.run(EpisodeRunner(reg, build_experts(reg), greedy, config=EpisodeConfig(max_turns=2)).run(
+        items, run_id="ev", iteration=0))
+    assert all(t.prompt_ids.count(server_processor.image_token_id) == 16 and t.steps for t in evald)
     # vision is a served-policy option: the in-process CPU policy refuses it with the fix
     with pytest.raises(ConfigError, match="vision"):
         PolicyConfig(backend="transformers", vision=True)
