@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a GPU machine, in one short run (about 2 minutes on an H100/H200):
 # the Qwen2-VL rollout + GRPO step (its processor needs torchvision, which the CPU venv must
-# not have), and the GRPO / LM-policy tests with TRL's update on CUDA (use_cpu is off when a
-# GPU is present, so the model trains on the GPU and samples the next rollouts from there).
+# not have), the GPU config's GRPO settings (bf16, gradient checkpointing) learning a toy task,
+# and the GRPO / LM-policy / served-training tests with TRL's update on CUDA (use_cpu is off when
+# a GPU is present, so the model trains on the GPU and samples the next rollouts from there).
 #
 # On a machine with torch + torchvision + CUDA but without this project's other packages, put
 # the missing wheels in .whl/ first (trl, datasets, duckdb, pytest-asyncio, and a transformers
@@ -28,5 +29,6 @@ for d in ("torch", "torchvision", "transformers", "trl", "accelerate", "peft", "
         print(f"{d}: missing")
 PY
 python3 -m pytest -p no:cacheprovider tests/test_vlm.py tests/test_grpo.py tests/test_lm_policy.py \
+  tests/test_served_vlm.py tests/test_served_training.py \
   -q -rs --durations=8 --junitxml="$out/junit.xml" 2>&1 | tee "$out/pytest.log"
 exit "${PIPESTATUS[0]}"

@@ -40,7 +40,7 @@ def fingerprint(model) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -153,7 +153,7 @@ def test_two_iterations_sampled_by_the_server_and_synced_after_each_update(reg, 
     # after the last sync the server's weights are the learner's, tensor for tensor
     learner_state = run.model.state_dict()
     assert served_state.keys() == learner_state.keys()
-    assert all(torch.equal(served_state[k], learner_state[k]) for k in learner_state)
+    assert all(torch.equal(served_state[k].cpu(), learner_state[k].cpu()) for k in learner_state)
 
     # validation: the served policy at temperature 0, after the last sync
     assert "val_accuracy" in rows[-1] and "val_accuracy" not in rows[0]
