@@ -227,11 +227,14 @@ class OpenAIPolicy:
                                   "record_tokens=False for evaluation-only use.")
         self.eos_id = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         self._turns: OrderedDict[str, dict[int, tuple[str, tuple[int, ...]]]] = OrderedDict()
-        self.encoder = ChatEncoder(self.tokenizer, self.chat_template_kwargs) if self.tokenizer is not None else None
         if self.vision:  # prompt ids with the image placeholders expanded, as the server's processor does
             from maestro_core.multimodal import ProcessorChatEncoder
 
             self.encoder = ProcessorChatEncoder(self.processor, self.chat_template_kwargs)
+        elif self.tokenizer is not None:
+            self.encoder = ChatEncoder(self.tokenizer, self.chat_template_kwargs)
+        else:
+            self.encoder = None
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIPolicy(base_url={self.base_url!r}, model={self.model!r}, checkpoint_id={self.checkpoint_id!r})"

@@ -204,12 +204,9 @@ def load_learner(checkpoint: str | Path, *, vision: bool = False):
             if not hasattr(proc, "tokenizer"):
                 raise ValueError(f"{type(proc).__name__} is a tokenizer, not a vision-language processor")
             tok = proc.tokenizer
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            tok.padding_side = "left"
-            return model.eval(), proc
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(src, local_files_only=local, dtype=torch.float32)
+        else:
+            tok = proc = AutoTokenizer.from_pretrained(src, local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(src, local_files_only=local, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the learner from '{src}': {e}", entry="policy", field="checkpoint",
                           fix="pass a folder with config.json, the weights and the tokenizer (with vision: the "
@@ -218,4 +215,4 @@ def load_learner(checkpoint: str | Path, *, vision: bool = False):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    return model.eval(), tok
+    return model.eval(), proc
