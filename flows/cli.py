@@ -122,7 +122,8 @@ def _runs(args) -> int:
 def _ask(args) -> int:
     from maestro_core.ask import ask, format_answer
     res = ask(args.question, images=args.image or (), checkpoint=args.checkpoint, home=args.home,
-              registry_path=args.registry, cost_lambda=args.cost_lambda, budget=args.budget)
+              registry_path=args.registry, cost_lambda=args.cost_lambda, budget=args.budget,
+              price_tilt=args.price_tilt)
     print(format_answer(res))
     return 0
 
@@ -170,7 +171,8 @@ def _eval(args) -> int:
     run_evaluation(out=args.out, registry_path=args.registry or cfg.registry, home=args.home or cfg.home,
                    split=args.split, data=args.data, checkpoint=args.checkpoint, baselines=args.baselines,
                    config=build(EvalConfig, ev, source=cfg.source, section="eval"),
-                   cost_lambda=getattr(args, "cost_lambda", None), budget=getattr(args, "budget", None))
+                   cost_lambda=getattr(args, "cost_lambda", None), budget=getattr(args, "budget", None),
+                   price_tilt=getattr(args, "price_tilt", 0.0), target_cost=getattr(args, "target_cost", None))
     print(f"wrote {args.out}/metrics.json, report.md, results.csv")
     return 0
 
@@ -292,6 +294,11 @@ def _trace(args) -> int:
     return 0
 
 
+PRICE_TILT_HELP = ("decode-time price tilt in nats per US cent (default 0: off): where the policy picks a call, each "
+                   "call's logit is lowered by this x its estimated price in cents, so the trained policy takes "
+                   "cheaper routes (docs/POLICY.md, the cost knob)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maestro", description=__doc__.split("\n\n")[0])
     p.add_argument("--home", default=None, help="store folder (default: $MAESTRO_HOME or ./.maestro)")
@@ -318,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ak.add_argument("--cost-lambda", type=float, default=None, help="cost weight shown to the policy")
     ak.add_argument("--budget", type=float, default=None,
                     help="cost budget for the task (USD): only the calls it can pay for are offered")
+    ak.add_argument("--price-tilt", type=float, default=0.0, help=PRICE_TILT_HELP)
     ak.set_defaults(func=_ask)
 
     rn = sub.add_parser("runs", help="list runs with their checkpoints and results")
@@ -346,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cost weight shown to the policy at request time (higher: cheaper routes)")
     e.add_argument("--budget", type=float, default=None,
                    help="cost budget per task (USD) at request time: the policy is offered only the calls it can pay for")
+    e.add_argument("--price-tilt", type=float, default=0.0, help=PRICE_TILT_HELP)
+    e.add_argument("--target-cost", type=float, default=None,
+                   help="cost per task (USD) to aim at: sets --price-tilt to the smallest tilt whose cost on the "
+                        "validation split is at most this, then evaluates")
     e.add_argument("--baselines", action="store_true", help="evaluate every baseline")
     e.add_argument("--split", default="test", help="train | val | test (default test)")
     e.add_argument("--data", default=None, help="a JSONL dataset file instead of the suite")

@@ -31,9 +31,10 @@ class AskResult:
 
 def ask(question: str, *, images: Sequence[str | Path] = (), checkpoint: str = "best", home: str | Path | None = None,
         registry_path: str | Path | None = None, cost_lambda: float | None = None,
-        budget: float | None = None) -> AskResult:
+        budget: float | None = None, price_tilt: float = 0.0) -> AskResult:
     """Answer one question with a trained checkpoint (greedy); `budget`: the per-task cost
-    budget (the prompt states it, the grammar offers only calls it can pay for)."""
+    budget (the prompt states it, the grammar offers only calls it can pay for); `price_tilt`:
+    dearer calls' logits lowered while decoding (LMPolicy.price_tilt)."""
     from maestro_core.cache import ExpertCache
     from maestro_core.checkpoints import load_checkpoint_policy, read_meta, resolve_checkpoint
     from maestro_core.episode import EpisodeRunner
@@ -61,7 +62,7 @@ def ask(question: str, *, images: Sequence[str | Path] = (), checkpoint: str = "
         store.record_registry(registry)
         item = Item(id=f"ask-{uuid.uuid4().hex[:8]}", benchmark="ask", question=question.strip(), answer="",
                     scorer="exact", images=tuple(paths))
-        policy = load_checkpoint_policy(path, registry, temperature=0.0)
+        policy = load_checkpoint_policy(path, registry, temperature=0.0, price_tilt=price_tilt)
         experts = build_experts(registry)
         cache = ExpertCache(store)
         meta = read_meta(path)

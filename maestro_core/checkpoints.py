@@ -219,10 +219,12 @@ def untrained_of(path: str | Path, *, home: str | Path, objects: ObjectStore | N
         return None
 
 
-def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0.0, checkpoint_id: str | None = None):
+def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0.0, checkpoint_id: str | None = None,
+                           price_tilt: float = 0.0):
     """An in-process policy from a checkpoint folder, with the decoding settings it was trained
     with: an LMPolicy, or a VLMPolicy (model + processor) for a checkpoint of a served
-    vision-language policy (its run's `policy: {vision: true}`), which then sees the images."""
+    vision-language policy (its run's `policy: {vision: true}`), which then sees the images.
+    `price_tilt`: the request-time price tilt (LMPolicy.price_tilt)."""
     from maestro_core.lm_policy import LMPolicy
     from maestro_core.policy_model import load_policy_model
     from maestro_core.tokenizer import load_policy_tokenizer
@@ -238,7 +240,8 @@ def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0
 
         model, processor = load_learner(path, vision=True)
         return VLMPolicy(model, processor, registry, temperature=temperature, **policy_kwargs(cfg, registry),
-                         checkpoint_id=cid)
+                         checkpoint_id=cid, price_tilt=price_tilt)
     model = load_policy_model(path)
     tok = load_policy_tokenizer(path)
-    return LMPolicy(model, tok, registry, temperature=temperature, **policy_kwargs(cfg, registry), checkpoint_id=cid)
+    return LMPolicy(model, tok, registry, temperature=temperature, **policy_kwargs(cfg, registry), checkpoint_id=cid,
+                    price_tilt=price_tilt)

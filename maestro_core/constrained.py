@@ -22,7 +22,7 @@ what observations returned). `ActionLogitsProcessor` wraps it for `model.generat
 
 from __future__ import annotations
 
-from typing import Hashable, Iterable, Sequence
+from typing import Hashable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -99,7 +99,8 @@ class ActionConstraint:
     """The grammar of one policy turn over a tokenizer's vocabulary (build once, share)."""
 
     def __init__(self, tokenizer, actions: Iterable[str], *, max_tokens: int = 24, allow_think: bool = False,
-                 forward_question: bool = False, free_input: bool = True, vocab_size: int | None = None):
+                 forward_question: bool = False, free_input: bool = True, vocab_size: int | None = None,
+                 prices: Mapping[str, float] | None = None):
         actions = tuple(actions)
         if not actions:
             raise ConfigError("the registry grammar has no actions.", fix="check the registry's experts and skills.")
@@ -136,6 +137,12 @@ class ActionConstraint:
             raise ConfigError(f"max_turn_tokens={max_tokens} is too small: the shortest valid turn takes "
                               f"{self.min_action} tokens.", field="max_turn_tokens", fix=f"set it >= {self.min_action}.")
         self._cache: dict = {}
+        missing = sorted(set(actions) - set(prices)) if prices is not None else []
+        if missing:
+            raise ConfigError(f"no price for the actions {missing}.",
+                              fix="pass a price (USD per call) for every action.")
+        self.prices = {a: float(prices[a]) for a in actions} if prices is not None else None
+        """Estimated price (USD) of a call to each action: what TurnState.price_bias reads."""
 
     def start(self, candidates: Sequence[str] | None = None, *, answer_only: bool = False,
               call_until_candidates: bool = False) -> "TurnState":
@@ -165,6 +172,35 @@ class ActionConstraint:
             if len(self._cache) < 100_000:
                 self._cache[key] = m
         return m
+
+    def _price_bias(self, trie: TokenTrie, node: int) -> torch.Tensor | None:
+        """Per token allowed at `node`: how much the cheapest call reachable through it costs more
+        than the cheapest reachable from `node` (USD; 0 for an answer). Along any path the
+        biases add up to the chosen call's price (minus the node's minimum, the same for all)."""
+        key = ("p", id(trie), node)
+        if key in self._cache:
+            return self._cache[key]
+        low = self._cache.get(("p", id(trie)))
+        if low is None:
+            cheapest_call = min(self.prices.values())
+
+            def price(lab) -> float:
+                if trie is self.targets:
+                    return self.prices[lab[1] if isinstance(lab, tuple) else lab]
+                return cheapest_call if lab == "call" else 0.0
+            inf = float("inf")
+            low = [inf] * len(trie.children)
+            for n in range(len(trie.children) - 1, -1, -1):  # children always have larger ids
+                best = price(trie.label[n]) if trie.label[n] is not None else inf
+                low[n] = min([best] + [low[c] for c in trie.children[n].values()])
+            self._cache[("p", id(trie))] = low
+        bias = None
+        if len({low[c] for c in trie.children[node].values()}) > 1:
+            bias = torch.zeros(self.vocab.n)
+            for t, c in trie.children[node].items():
+                bias[t] = low[c] - low[node]
+        self._cache[key] = bias
+        return bias
 
     def _ids_mask(self, ids: Iterable[int]) -> torch.Tensor:
         m = torch.zeros(self.vocab.n, dtype=torch.bool)
@@ -209,6 +245,15 @@ class TurnState:
     @property
     def remaining(self) -> int:
         return self.g.max_tokens - self.n
+
+    def price_bias(self) -> torch.Tensor | None:
+        """Where this token chooses between calls of different prices (or between a call and an
+        answer): the extra price in USD of each allowed token's cheapest call (ActionConstraint.
+        _price_bias), for a decode-time price tilt; None elsewhere or without prices."""
+        g = self.g
+        if g.prices is None or self.phase != "trie" or self.trie is self.cand:
+            return None
+        return g._price_bias(self.trie, self.node)
 
     def _enter_trie(self, trie: TokenTrie):
         self.phase, self.trie, self.node = "trie", trie, 0

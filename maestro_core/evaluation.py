@@ -315,15 +315,16 @@ def checkpoint_episode_config(meta: Mapping, *, budget: float | None = None) -> 
 
 async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], path, *,
                       cache: ExpertCache, run_id: str, iteration: int, cost_lambda: float | None = None,
-                      budget: float | None = None, progress: Callable[[str], None] | None = None) -> tuple[list[Trajectory], list[str]]:
+                      budget: float | None = None, price_tilt: float = 0.0,
+                      progress: Callable[[str], None] | None = None) -> tuple[list[Trajectory], list[str]]:
     """The greedy policy of the checkpoint at `path` on every item (one episode each), with the
-    cost weight `cost_lambda` shown in its prompt when given, and a per-episode cost `budget`
-    (the user message states it; the grammar offers only the calls it can pay for): the two
-    request-time cost knobs."""
+    cost weight `cost_lambda` shown in its prompt when given, a per-episode cost `budget`
+    (the user message states it; the grammar offers only the calls it can pay for) and a
+    decode-time `price_tilt` (LMPolicy.price_tilt): the request-time cost knobs."""
     from maestro_core.checkpoints import load_checkpoint_policy, read_meta
 
     t0 = time.perf_counter()
-    policy = load_checkpoint_policy(path, registry, temperature=0.0)
+    policy = load_checkpoint_policy(path, registry, temperature=0.0, price_tilt=price_tilt)
     meta = read_meta(path)
     from maestro_core.training import default_cost_lambda
 
@@ -338,16 +339,70 @@ async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], 
     return trajs, [policy_route(t) for t in trajs]
 
 
+async def calibrate_price_tilt(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], path,
+                               *, cache: ExpertCache, target_cost: float, budget: float | None = None,
+                               steps: int = 8, max_tilt: float = 1024.0,
+                               progress: Callable[[str], None] | None = None) -> tuple[float, list[dict]]:
+    """The smallest decode-time price tilt (LMPolicy.price_tilt, nats per cent) at which the
+    greedy policy of the checkpoint at `path` spends at most `target_cost` per task on `items`
+    (the validation split: the test items are never looked at), found by doubling then
+    bisecting (`steps` halvings; the cost of a greedy policy only falls as the tilt grows).
+    Returns the tilt and each tried point {price_tilt, accuracy, cost_per_task}."""
+    from maestro_core.errors import ConfigError
+
+    if not target_cost > 0:
+        raise ConfigError(f"target cost {target_cost} is not positive.", field="--target-cost",
+                          fix="pass a cost per task in USD, e.g. 0.01.")
+    if not items:
+        raise ConfigError("no validation items to calibrate the price tilt on.", field="--target-cost",
+                          fix="build the suite (maestro build-dataset): its val split calibrates the tilt.")
+    tried: list[dict] = []
+
+    async def point(tilt: float) -> dict:
+        trajs, _ = await policy_runs(registry, experts, items, path, cache=cache, run_id="calibration", iteration=0,
+                                     budget=budget, price_tilt=tilt)
+        n = len(trajs)
+        p = {"price_tilt": tilt, "accuracy": sum(t.outcome for t in trajs) / n,
+             "cost_per_task": sum(t.total_cost for t in trajs) / n}
+        tried.append(p)
+        if progress:
+            progress(f"calibration: tilt {tilt:g} -> validation accuracy {p['accuracy']:.3f}, "
+                     f"cost ${p['cost_per_task']:.5f} per task (target ${target_cost:g})")
+        return p
+
+    if (await point(0.0))["cost_per_task"] <= target_cost:
+        return 0.0, tried
+    lo, hi = 0.0, 1.0
+    while (await point(hi))["cost_per_task"] > target_cost:
+        lo, hi = hi, hi * 2
+        if hi > max_tilt:
+            raise ConfigError(f"even a price tilt of {lo:g} costs ${tried[-1]['cost_per_task']:.5f} per task on "
+                              f"validation, above the target ${target_cost:g}.", field="--target-cost",
+                              fix="raise the target: the policy's cheapest routes cost about "
+                                  f"${tried[-1]['cost_per_task']:.5f} per task.")
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if (await point(mid))["cost_per_task"] <= target_cost:
+            hi = mid
+        else:
+            lo = mid
+    return hi, tried
+
+
 def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, home: str | Path | None = None,
                    split: str = "test", data: str | Path | None = None, checkpoint: str = "none",
                    baselines: bool = True, config: EvalConfig | None = None, cost_lambda: float | None = None,
-                   budget: float | None = None,
+                   budget: float | None = None, price_tilt: float = 0.0, target_cost: float | None = None,
                    untrained: bool = True, log: Callable[[str], None] = print) -> dict:
     """`maestro eval`: evaluate on the suite's split (built when missing) or a JSONL file.
 
     `checkpoint` (none, latest, best, RUN/ckpt-N or a folder) adds the system `policy` (greedy)
     and, when the run's initial weights exist, `policy_untrained`; `cost_lambda` is shown to
-    the policy in its prompt (steering it toward cheaper routes at request time)."""
+    the policy in its prompt (steering it toward cheaper routes at request time), `budget` caps
+    each task's cost and `price_tilt` lowers the logits of dearer calls while decoding (the
+    three request-time cost knobs; the untrained policy gets the same). `target_cost` (USD per
+    task) sets `price_tilt` to the smallest tilt whose validation cost meets it
+    (calibrate_price_tilt on the suite's val split), before the evaluation."""
 
     from maestro_core.dataset import load_jsonl
     from maestro_core.errors import ConfigError
@@ -385,6 +440,11 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
         else:
             suite = ensure_suite(store, log=log)
             items = [it for it in suite if it.split == split]
+        if target_cost is not None:
+            if ck_path is None:
+                raise ConfigError("--target-cost calibrates a policy's price tilt; no checkpoint was given.",
+                                  field="--checkpoint", fix="pass --checkpoint best|latest|RUN/ckpt-N|DIR.")
+            val_items = [it for it in (suite or ensure_suite(store, log=log)) if it.split == "val"]
             if not items:
                 raise ConfigError(f"the suite has no '{split}' items.", field="--split", fix="use train, val or test.")
         rng = random.Random(config.seed)
@@ -399,8 +459,8 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
         run_id = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
         store.record_run(run_id, "eval", {"split": split, "data": str(data) if data else None,
                                           "checkpoint": str(ck_path or checkpoint), "cost_lambda": cost_lambda,
-                                          "budget": budget,
-                                          "n_items": len(items)}, registry.version)
+                                          "budget": budget, "price_tilt": price_tilt,
+                                          "target_cost": target_cost, "n_items": len(items)}, registry.version)
         cache = ExpertCache(store)
         experts = build_experts(registry)
         pairs = level1_pairs(registry)
@@ -409,8 +469,17 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                 f"(+ {len(train)} train items for the routers); every call goes through the cache")
         policies = {name: p for name, p in (("policy", ck_path), ("policy_untrained", ck_untrained)) if p}
 
+        calibration: list[dict] = []
+
         async def tables():
+            nonlocal price_tilt, calibration
             try:
+                if target_cost is not None:
+                    price_tilt, calibration = await calibrate_price_tilt(
+                        registry, experts, val_items, ck_path, cache=cache, target_cost=target_cost, budget=budget,
+                        progress=log)
+                    log(f"price tilt {price_tilt:g} (nats per cent): the smallest whose validation cost per task "
+                        f"is at most ${target_cost:g}")
                 t, tt = {}, None
                 if baselines:
                     t = await pair_table(registry, experts, items, cache=cache, run_id=run_id,
@@ -422,7 +491,7 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                 # policy episodes take iterations after the pairs': episode ids stay distinct
                 pol = {name: await policy_runs(registry, experts, items, p, cache=cache, run_id=run_id,
                                                iteration=len(pairs) + k, cost_lambda=cost_lambda, budget=budget,
-                                               progress=log)
+                                               price_tilt=price_tilt, progress=log)
                        for k, (name, p) in enumerate(policies.items())}
                 return t, tt, pol
             finally:
@@ -441,7 +510,9 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                                             routers=config.routers, seed=config.seed))
         metrics = write_outputs(Path(out), systems=systems, items=items, split=split, registry=registry,
                                 checkpoint=str(ck_path or checkpoint),
-                                extra={"run_id": run_id, "cost_lambda": cost_lambda, "budget": budget})
+                                extra={"run_id": run_id, "cost_lambda": cost_lambda, "budget": budget,
+                                       "price_tilt": price_tilt, "target_cost": target_cost,
+                                       **({"calibration": calibration} if calibration else {})})
         for name, m in metrics["systems"].items():
             store.record_eval(run_id, name, split, "all", m)
         store.set_run_status(run_id, "completed")

@@ -30,6 +30,7 @@ import torch
 
 from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.constrained import ActionConstraint, TurnState
+from maestro_core.errors import ConfigError
 from maestro_core.policy import EpisodeView, PolicyTurn, information_text
 from maestro_core.protocol import unescape
 from maestro_core.registry import Registry
@@ -57,7 +58,8 @@ class LMPolicy:
                  forward_question: bool = False, free_input: bool = True, answer_on_last_turn: bool = False,
                  actions: Sequence[str] | None = None,
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
-                 seed: int = 0, threaded: bool = True, share_prefix: bool = True, explore: float = 0.0):
+                 seed: int = 0, threaded: bool = True, share_prefix: bool = True, explore: float = 0.0,
+                 price_tilt: float = 0.0):
         if temperature < 0:
             raise ValueError("temperature must be >= 0 (0 = greedy).")
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
@@ -73,6 +75,17 @@ class LMPolicy:
         """Exploration of call targets (training rollouts): a target token is drawn from
         (1 - explore) x the policy's distribution + explore x uniform over the allowed targets,
         and the recorded logprob is that mixture's. 0: the policy's own distribution."""
+        if not price_tilt >= 0:
+            raise ConfigError(f"price_tilt must be >= 0, got {price_tilt}.", field="--price-tilt",
+                              fix="use 0 (off) or a positive weight in nats per cent, e.g. 2.5.")
+        if price_tilt and not constrained:
+            raise ConfigError("price_tilt needs constrained decoding (it acts where the grammar picks a call).",
+                              field="--price-tilt", fix="keep constrained decoding on, or price_tilt 0.")
+        self.price_tilt = price_tilt
+        """Decode-time price tilt, in nats per cent: where a token picks a call target (or a call
+        over an answer), its logit is lowered by price_tilt x (the extra price of its cheapest call,
+        in US cents; registry price estimates), so a trained policy takes cheaper routes at
+        request time without retraining. 0: off (training rollouts)."""
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.eos_id
@@ -80,8 +93,10 @@ class LMPolicy:
         unknown = sorted(set(self.actions) - set(registry.grammar().actions))
         if unknown:
             raise ValueError(f"actions {unknown} are not in registry '{registry.name}'.")
+        prices = {a: registry.experts[a.split("@@", 1)[0]].call_cost_estimate() for a in self.actions} \
+            if price_tilt else None
         self._constraint_kw = dict(max_tokens=max_turn_tokens, allow_think=allow_think,
-                                   forward_question=forward_question, free_input=free_input)
+                                   forward_question=forward_question, free_input=free_input, prices=prices)
         self.constraint = ActionConstraint(tokenizer, self.actions, **self._constraint_kw) if constrained else None
         self._budget_constraints: dict[tuple[str, ...], ActionConstraint] = {}
         self.generator = torch.Generator().manual_seed(seed)
@@ -219,6 +234,8 @@ class LMPolicy:
                 if mask.shape[1] < logits.shape[1]:
                     mask = torch.nn.functional.pad(mask, (0, logits.shape[1] - mask.shape[1]), value=False)
                 logits = logits.masked_fill(~mask, float("-inf"))
+                if self.price_tilt:
+                    logits = self._tilt(logits, states, active)
             scaled = logits / self.temperature if self.temperature > 0 else logits
             logp = torch.log_softmax(scaled, dim=-1)
             if self.explore > 0 and self.temperature > 0 and self.constraint is not None:
@@ -255,6 +272,23 @@ class LMPolicy:
         self.stats.turns += B
         self.stats.tokens += sum(len(t) for t in toks)
         return list(zip(toks, lps))
+
+    def _tilt(self, logits: torch.Tensor, states: Sequence[TurnState | None], active: Sequence[bool]) -> torch.Tensor:
+        """The price tilt on the rows choosing a call (see `price_tilt`)."""
+        rows, bias = [], []
+        for i, st in enumerate(states):
+            b = st.price_bias() if st is not None and active[i] else None
+            if b is not None:
+                rows.append(i)
+                bias.append(b)
+        if not rows:
+            return logits
+        b = torch.stack(bias).to(logits.device)
+        if b.shape[1] < logits.shape[1]:
+            b = torch.nn.functional.pad(b, (0, logits.shape[1] - b.shape[1]))
+        logits = logits.clone()
+        logits[rows] -= (100.0 * self.price_tilt) * b[:, :logits.shape[1]]
+        return logits
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:

@@ -92,6 +92,12 @@ class TrainConfig:
                 "distribution starts at p(a) ~ exp(-beta x min(call cost estimate / cost_scale, 2)) (output layer "
                 "only; action_prior / fit_action_prior), so RL starts from the cheap routes and moves to a dearer "
                 "one where the outcome pays for it (GRPO keeps the incumbent on ties). 0: off."})
+    start_uniform: bool = field(default=False, metadata={
+        "help": "After the warm-up, fit the first call's target distribution to uniform (fit_action_prior with "
+                "the prior at strength 0; output layer only), so RL starts with no route preferred and, with "
+                "grpo.beta > 0, the KL reference (ckpt-0) is uniform over the routes: the KL term then keeps "
+                "every route's log-probability tied to its advantage instead of letting the first winner "
+                "saturate. cost_prior > 0 fits its price prior instead."})
     question_noise_share: float = field(default=0.5, metadata={
         "help": "Share of training groups whose prompt shows a noisy question (question_noise.py: words dropped "
                 "with probability question_drop, replaced by random letters with probability question_replace; "
@@ -316,7 +322,8 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
     warmed up for `config.pretrain_steps` steps (pretrain_reader) on the first-turn prompts of
     `messages` (system catalogue + user question, as the policy will read them), then, with
-    `config.cost_prior`, its first call's targets fitted to the price prior (fit_action_prior)."""
+    `config.cost_prior` or `config.start_uniform`, its first call's targets fitted to the price
+    prior or to uniform (fit_action_prior)."""
     from maestro_core.lm_policy import LMPolicy
     from maestro_core.policy_model import build_tiny_model
     from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
@@ -325,7 +332,7 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
                                  extra_tokens=policy_extra_tokens(registry))
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed,
                              tie_embeddings=config.tie_embeddings)
-    if (config.pretrain_steps or config.cost_prior) and messages:
+    if (config.pretrain_steps or config.cost_prior or config.start_uniform) and messages:
         import torch
         examples = [(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True), m[-1]["content"])
                     for m in messages]
@@ -333,7 +340,7 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
         torch.manual_seed(config.seed)
         try:
             pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed)  # 0 steps: none
-            if config.cost_prior:
+            if config.cost_prior or config.start_uniform:  # the price prior, or uniform at strength 0
                 actions = policy_kwargs(config, registry)["actions"]
                 fit_action_prior(model, tok, [p for p, _ in examples], actions,
                                  action_prior(registry, actions, config.cost_prior, config.cost_scale),
@@ -470,6 +477,11 @@ class TrainingRun:
             self.start, self.checkpoints, self.best = 0, [], None
             save_checkpoint(self.model, self.tokenizer, self.out_dir / "ckpt-0",
                             {**self.meta_base, "iteration": 0, "metrics": {}, "curve": []}, objects=self.objects)
+        if config.grpo.beta > 0 and config.grpo.lora_r is None and not self.policy.served:
+            # TRL loads the KL reference from the config's model id: here ckpt-0, the policy before RL
+            first = done[0] if done and done[0].iteration == 0 else None
+            ref = local_copy(first, self.out_dir / "ckpt-0", self.objects) if first else self.out_dir / "ckpt-0"
+            self.model.config._name_or_path = str(ref)
         # the server samples iteration `start` with ckpt-start (also a first check of its sync endpoints)
         self.served = self.policy.build(registry, config, tokenizer=self.tokenizer) if self.policy.served else None
         self.sync_served(self.start)

@@ -223,3 +223,70 @@ def test_calls_only_until_a_candidate_exists_and_forwarding_only(reg, tok):
     assert isinstance(parse_action(tok.decode(ids[:-1], skip_special_tokens=False), reg), Answer)
     with pytest.raises(ConfigError, match="forward_question"):
         ActionConstraint(tok, reg.grammar().actions, free_input=False)
+
+
+def _walk_bias(g, ids):
+    """Sum of the price biases along a token path, and the path's end state."""
+    st, total = g.start(), 0.0
+    for t in ids:
+        b = st.price_bias()
+        total += float(b[t]) if b is not None else 0.0
+        st.advance(t)
+    return total, st
+
+
+@pytest.mark.parametrize("multi_token", [False, True])
+def test_price_bias_adds_up_to_each_calls_price(reg, tok, multi_token):
+    """Along any turn, the per-token price biases add up to the call's price over the cheapest
+    (0 for an answer, plus the cheapest call's price at the call-or-answer choice), for single-
+    and multi-token targets and tags alike: a decode-time tilt is exactly -tilt x price."""
+    if multi_token:
+        tok = train_policy_tokenizer(policy_corpus(reg), vocab_size=400, protocol_tokens=False)
+    actions = reg.grammar().actions
+    prices = {a: 0.001 * (i + 1) ** 2 for i, a in enumerate(actions)}
+    g = ActionConstraint(tok, actions, max_tokens=40, forward_question=True, free_input=False, prices=prices)
+    cheapest = min(prices.values())
+    enc = lambda s: list(tok.encode(s, add_special_tokens=False))  # noqa: E731
+    for a in actions:
+        total, st = _walk_bias(g, enc("<call>") + enc(a) + enc("</call>"))
+        assert total == pytest.approx(prices[a]) and not st.done  # EOS still to come
+    total, _ = _walk_bias(g, enc("<answer>"))
+    assert total == pytest.approx(0.0)
+    total, _ = _walk_bias(g, enc("<call>"))
+    assert total == pytest.approx(cheapest)  # call vs answer: a call costs at least the cheapest
+    with pytest.raises(ConfigError, match="no price"):
+        ActionConstraint(tok, actions, max_tokens=40, prices={actions[0]: 0.01})
+
+
+def test_price_tilt_moves_the_greedy_policy_to_cheaper_calls(reg, tok):
+    """LMPolicy(price_tilt=t) picks argmax(logit - t x price in cents) among the call targets:
+    0 leaves the policy as it is, a large tilt gives the cheapest call on every prompt, and the
+    untilted and tilted policies differ only where the formula says."""
+    model = build_tiny_model(tok, hidden=64, layers=2, heads=2, seed=5)
+    base = LMPolicy(model, tok, reg, max_turn_tokens=12, forward_question=True, free_input=False, seed=0,
+                    temperature=0.0)
+    acts = base.actions
+    price = {a: reg.experts[a.split("@@")[0]].call_cost_estimate() for a in acts}
+    assert len(set(price.values())) > 1, "the test registry needs calls of different prices"
+    ids = [tok.convert_tokens_to_ids(a) for a in acts]
+    call = tok.encode("<call>", add_special_tokens=False)
+    prompts = [list(base.encode_prompt([{"role": "system", "content": "Route."},
+                                        {"role": "user", "content": f"Question: What is {i} + {i * 7}?"}]))
+               for i in range(24)]
+    with torch.no_grad():
+        logits = torch.stack([model(torch.tensor([p + call])).logits[0, -1, ids] for p in prompts])
+    cents = torch.tensor([100 * price[a] for a in acts])
+
+    def targets(tilt):
+        pol = LMPolicy(model, tok, reg, max_turn_tokens=12, forward_question=True, free_input=False, seed=0,
+                       temperature=0.0, price_tilt=tilt)
+        out = pol.generate(prompts, [pol.constraint.start(call_until_candidates=True) for _ in prompts])
+        return [parse_action(tok.decode(o[:-1], skip_special_tokens=False), reg).target for o, _ in out]
+
+    for tilt in (0.0, 0.5, 1000.0):
+        want = [acts[int(i)] for i in (logits - tilt * cents).argmax(-1)]
+        assert targets(tilt) == want
+    assert {price[a] for a in targets(1000.0)} == {min(price.values())}
+    assert targets(0.0) != targets(1000.0)
+    with pytest.raises(ConfigError, match="price_tilt"):
+        LMPolicy(model, tok, reg, constrained=False, price_tilt=1.0)

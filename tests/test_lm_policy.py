@@ -233,3 +233,32 @@ def test_explore_mixes_uniform_into_call_targets_and_records_the_mixture(reg, to
     assert len(targets) >= min(len(reg.grammar().actions), 4)
     with pytest.raises(ValueError, match="explore"):
         LMPolicy(model, tok, reg, explore=1.0)
+
+
+async def test_target_cost_calibrates_the_smallest_price_tilt_on_the_items_given(reg, tok, tmp_path):
+    """calibrate_price_tilt (maestro eval --target-cost): the tilt it returns is the smallest
+    tried whose greedy cost per task on the given items is within the target, every smaller
+    tilt tried costs more, and a target below the cheapest route is refused with the fix."""
+    from maestro_core.checkpoints import save_checkpoint
+    from maestro_core.errors import ConfigError
+    from maestro_core.evaluation import calibrate_price_tilt
+
+    m = build_tiny_model(tok, hidden=64, layers=2, heads=2, seed=11)
+    items = ITEMS[:6]
+    probe = LMPolicy(m, tok, reg, forward_question=True, free_input=False)
+    call = tok.encode("<call>", add_special_tokens=False)
+    with torch.no_grad():  # a policy that starts on the dearer counter expert: its rows follow the call state
+        h = torch.stack([m(torch.tensor([list(probe.encode_prompt(build_messages(reg, it, compact=True))) + call]),
+                           output_hidden_states=True).hidden_states[-1][0, -1] for it in items]).mean(0)
+        ids = [tok.convert_tokens_to_ids(a) for a in reg.grammar().actions if a.startswith("counter@@")]
+        m.lm_head.weight[ids] += 4 * h / h.square().sum()
+    path = save_checkpoint(m, tok, tmp_path / "ckpt-1", {"run_id": "t", "iteration": 1, "config": {
+        "max_turns": 2, "max_turn_tokens": 12, "call_input": "question", "actions": "level1"}})
+    experts = build_experts(reg)
+    tilt, tried = await calibrate_price_tilt(reg, experts, items, path, cache=None, target_cost=0.0012, steps=5)
+    assert tried[0]["price_tilt"] == 0.0 and tried[0]["cost_per_task"] > 0.0012
+    ok = [p for p in tried if p["cost_per_task"] <= 0.0012]
+    assert tilt == min(p["price_tilt"] for p in ok) and tilt > 0
+    assert all(p["cost_per_task"] > 0.0012 for p in tried if p["price_tilt"] < tilt)
+    with pytest.raises(ConfigError, match="raise the target"):
+        await calibrate_price_tilt(reg, experts, items, path, cache=None, target_cost=0.0005, max_tilt=64)

@@ -154,3 +154,44 @@ def test_the_default_cost_weight_is_one_the_policy_was_trained_with():
     assert default_cost_lambda({"cost_lambdas": [0.3]}) == 0.3  # not 0: the policy never read "Cost weight: 0"
     assert default_cost_lambda({"cost_lambdas": [0.6, 0.2]}) == 0.2
     assert default_cost_lambda({"cost_lambda_max": 0.5}) == 0.0  # older configs: a [0, max] range
+
+
+def test_a_kl_term_is_taken_against_ckpt_0_the_uniform_start(registry_dict, tmp_path):
+    """grpo.beta > 0: TRL's reference policy is ckpt-0 (the policy before RL), which with
+    start_uniform routes uniformly: the reference's first call is uniform over the targets
+    while the updated policy has moved; a resumed run keeps ckpt-0 as its reference."""
+    import torch
+
+    from maestro_core.episode import build_messages
+    from maestro_core.grpo import updater_for
+    from maestro_core.training import TrainingRun, policy_kwargs
+
+    registry_dict["experts"] = registry_dict["experts"][:2]
+    registry_dict["skills"] = registry_dict["skills"][:2]
+    reg = parse_registry(registry_dict)
+    items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(6)]
+    cfg = TrainConfig(iterations=1, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
+                      pretrain_steps=30, start_uniform=True, eval_every=5, val_items=3, budget_share=0.0,
+                      grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8, beta=0.1))
+    with Store(tmp_path / "home") as store:
+        run = TrainingRun(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
+                          out_dir=tmp_path / "run", run_id="kl", log=lambda s: None)
+        assert run.model.config._name_or_path == str(tmp_path / "run" / "ckpt-0")
+        run.collect(0)
+        run.ingest(0)
+        run.update(0)
+        ref = updater_for(run.model).trainer.ref_model
+        acts = policy_kwargs(cfg, reg)["actions"]
+        idx = [run.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in acts]
+        call = run.tokenizer("<call>", add_special_tokens=False)["input_ids"]
+        text = run.tokenizer.apply_chat_template(build_messages(reg, items[0], compact=True), tokenize=False,
+                                                 add_generation_prompt=True)
+        x = torch.tensor([run.tokenizer(text, add_special_tokens=False)["input_ids"] + call])
+        with torch.no_grad():
+            p_ref = ref(x).logits[0, -1, idx].softmax(-1)
+            p_new = run.model(x).logits[0, -1, idx].softmax(-1)
+        assert float((p_ref - 1 / len(acts)).abs().max()) < 0.05, p_ref
+        assert not torch.allclose(p_ref, p_new)
+        again = TrainingRun(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
+                            out_dir=tmp_path / "run", run_id="kl", log=lambda s: None)
+        assert again.start == 1 and again.model.config._name_or_path == str(tmp_path / "run" / "ckpt-0")
