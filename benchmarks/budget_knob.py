@@ -2,7 +2,7 @@
 split at each per-task budget (none = no budget), each decode-time price tilt (nats per cent)
 and each target cost per task (the tilt calibrated on the validation split), beside the
 baselines of an earlier `maestro eval --baselines` (its metrics.json). Writes a table,
-budget_knob.json and budget_knob.png (docs/POLICY.md "The cost knob"):
+budget_knob.json and budget_knob.png (docs/POLICY.md "The cost knobs"):
 
     .venv/bin/python benchmarks/budget_knob.py --home HOME --checkpoint best \
         --budgets none 0.02 0.005 --baselines-from docs/results/policy/metrics.json --out docs/results/budget

@@ -440,13 +440,13 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
         else:
             suite = ensure_suite(store, log=log)
             items = [it for it in suite if it.split == split]
+            if not items:
+                raise ConfigError(f"the suite has no '{split}' items.", field="--split", fix="use train, val or test.")
         if target_cost is not None:
             if ck_path is None:
                 raise ConfigError("--target-cost calibrates a policy's price tilt; no checkpoint was given.",
                                   field="--checkpoint", fix="pass --checkpoint best|latest|RUN/ckpt-N|DIR.")
             val_items = [it for it in (suite or ensure_suite(store, log=log)) if it.split == "val"]
-            if not items:
-                raise ConfigError(f"the suite has no '{split}' items.", field="--split", fix="use train, val or test.")
         rng = random.Random(config.seed)
         by_bench: dict[str, list[Item]] = {}
         for it in suite:

@@ -93,7 +93,8 @@ class GRPOSettings:
     epsilon_high: float | None = _f(None, "Upper clip range; None = epsilon.")
     beta: float = _f(0.0, "KL coefficient against the reference policy (0: no reference model is kept). With "
                           "beta > 0 TRL loads the reference from model.config._name_or_path (full fine-tuning: "
-                          "must be a saved checkpoint) or disables the adapter (LoRA).")
+                          "must be a saved checkpoint; `maestro train` points it at the run's ckpt-0, the policy "
+                          "before RL) or disables the adapter (LoRA).")
     temperature: float = _f(1.0, "Sampling temperature; TRL divides logits by it when computing logprobs, so the "
                                  "episode sampler must use the same value.")
     max_turns: int = _f(4, "Policy turns per episode (read by the episode runner, not by TRL).", trl=False)

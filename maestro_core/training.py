@@ -268,7 +268,7 @@ def fit_action_prior(model, tokenizer, prompts: Sequence[str], actions: Sequence
     if len(set(first)) != len(first):
         raise ConfigError("the actions do not start with distinct tokens, so a prior over them cannot be fitted.",
                           field="cost_prior", fix="use the policy tokenizer built by build_policy (one token per "
-                                                  "action), or cost_prior: 0.")
+                                                  "action), or cost_prior: 0 and start_uniform: false.")
     opener = tokenizer("<call>", add_special_tokens=False)["input_ids"]
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] + opener for p in prompts]
     head = model.get_output_embeddings()

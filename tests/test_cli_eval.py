@@ -45,6 +45,19 @@ def test_eval_rejects_unknown_checkpoint(tmp_path):
     assert res.returncode != 0 and "Fix:" in res.stderr
 
 
+def test_eval_target_cost_needs_a_checkpoint_and_says_so(tmp_path):
+    reg = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(reg))
+    data = tmp_path / "items.jsonl"
+    data.write_text(json.dumps({"id": "q", "benchmark": "b", "question": "What is 6 * 7?", "answer": "42",
+                                "scorer": "numeric"}) + "\n")
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
+                          "--target-cost", "0.01", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "--target-cost" in res.stderr and "Fix:" in res.stderr, res.stderr[-1500:]
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
 def test_eval_on_a_jsonl_file_trains_the_routers_on_the_suite_of_the_home(tmp_path):
     """A held-out file has no train split of its own: the routers learn on the home's suite."""
     from maestro_core.suite import SuiteConfig, build_suite
