@@ -443,6 +443,9 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
             if not items:
                 raise ConfigError(f"the suite has no '{split}' items.", field="--split", fix="use train, val or test.")
         if target_cost is not None:
+            if price_tilt:
+                raise ConfigError("--target-cost sets the price tilt itself; --price-tilt was given too.",
+                                  field="--price-tilt", fix="pass one of --price-tilt and --target-cost.")
             if ck_path is None:
                 raise ConfigError("--target-cost calibrates a policy's price tilt; no checkpoint was given.",
                                   field="--checkpoint", fix="pass --checkpoint best|latest|RUN/ckpt-N|DIR.")

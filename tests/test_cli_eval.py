@@ -56,6 +56,11 @@ def test_eval_target_cost_needs_a_checkpoint_and_says_so(tmp_path):
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "--target-cost" in res.stderr and "Fix:" in res.stderr, res.stderr[-1500:]
     assert not (tmp_path / "o" / "metrics.json").exists()
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
+                          "--target-cost", "0.01", "--price-tilt", "2", "--data", str(data), "--registry",
+                          str(tmp_path / "reg.yaml"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "one of --price-tilt and --target-cost" in res.stderr, res.stderr[-1500:]
 
 
 def test_eval_on_a_jsonl_file_trains_the_routers_on_the_suite_of_the_home(tmp_path):
