@@ -7,8 +7,15 @@
       model: maestro-policy
       sync: reload_weights                   # the other keys: OpenAIPolicy's keyword arguments
 
-'transformers': the learner is the tiny random-init policy built from `train.*` and samples
-its own rollouts in process (rollout policy spec kind "learned"). 'openai': the learner
+'transformers': the learner samples its own rollouts in process (rollout policy spec kind
+"learned"): the tiny random-init policy built from `train.*` (the CPU default), or, with
+`checkpoint`, a pretrained model loaded with transformers (`vision: true`: a vision-language
+model with its processor, which then sees the episodes' images):
+
+    policy: {backend: transformers, checkpoint: HuggingFaceTB/SmolLM2-135M-Instruct}
+    policy: {backend: transformers, checkpoint: /models/qwen3-vl-4b, vision: true}
+
+'openai': the learner
 (model + tokenizer) is loaded from `checkpoint` with transformers, an OpenAI-compatible
 server (vLLM) started on the same weights samples the rollouts (`OpenAIPolicy`, spec kind
 "served"), and after each GRPO update the new checkpoint folder is pushed to the server
@@ -29,6 +36,8 @@ from maestro_core.http_policy import STRUCTURED_FIELDS, SYNC_PRESETS
 
 BACKENDS = ("transformers", "openai")
 _NOT_OPENAI_KWARGS = ("backend", "checkpoint", "base_url", "model")
+IN_PROCESS_FIELDS = ("backend", "checkpoint", "vision")
+"""The fields backend 'transformers' reads."""
 """Fields that are not OpenAIPolicy keyword arguments (base_url and model are its positionals)."""
 
 
@@ -41,17 +50,20 @@ class PolicyConfig:
     backend: str = _f("transformers", "'transformers': the CPU policy built from train.* samples its own rollouts "
                                       "in process; 'openai': an OpenAI-compatible server (vLLM) samples them and "
                                       "is synced to each new checkpoint.")
-    checkpoint: str | None = _f(None, "openai: the initial weights (hub id or local folder with config.json, "
-                                      "weights and tokenizer); the learner is loaded from it with transformers "
-                                      "and the server must start on the same weights.")
+    checkpoint: str | None = _f(None, "The initial weights (hub id or local folder with config.json, weights and "
+                                      "tokenizer); the learner is loaded from it with transformers. openai: the "
+                                      "server must start on the same weights. transformers: the learner samples "
+                                      "in process (no warm-up, cost_prior or start_uniform: those shape the "
+                                      "policy built from train.*); without it, the CPU policy from train.*.")
     base_url: str | None = _f(None, "openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1.")
     model: str = _f("maestro-policy", "openai: the served model name (vllm serve --served-model-name).")
     tokenizer: str | None = _f(None, "openai: hub id or folder of the tokenizer that encodes prompts and "
                                      "observations (must be the served checkpoint's own); default: checkpoint.")
-    vision: bool = _f(False, "openai: the checkpoint is a vision-language model (Qwen3-VL-class): the learner is "
-                             "loaded with AutoModelForImageTextToText and its AutoProcessor, the server gets each "
-                             "episode's images as image_url parts, prompt ids are the processor's (image "
-                             "placeholders expanded), and the GRPO update sees the images.")
+    vision: bool = _f(False, "The checkpoint is a vision-language model (Qwen3-VL-class): the learner is loaded "
+                             "with AutoModelForImageTextToText and its AutoProcessor, prompt ids are the processor's "
+                             "(image placeholders expanded), and the GRPO update sees the images; openai: the "
+                             "server gets each episode's images as image_url parts; transformers: a VLMPolicy "
+                             "samples in process with the pixels.")
     temperature: float | None = _f(None, "Sampling temperature of rollouts; default: train.temperature, and it "
                                          "must equal it (TRL recomputes logprobs at grpo.temperature). vLLM reports "
                                          "logprobs before temperature unless served with --logprobs-mode "
@@ -96,10 +108,16 @@ class PolicyConfig:
             bad("backend", f"backend '{self.backend}' is unknown.", f"use one of {list(BACKENDS)}.")
         if self.backend == "transformers":
             for f in dataclasses.fields(self):
-                if f.name != "backend" and getattr(self, f.name) != f.default:
-                    bad(f.name, f"'{f.name}' is set but backend is 'transformers' (the CPU policy built from "
-                                "train.*), which does not read it.",
+                if f.name not in IN_PROCESS_FIELDS and getattr(self, f.name) != f.default:
+                    bad(f.name, f"'{f.name}' is set but backend is 'transformers' (the learner samples in "
+                                "process), which does not read it.",
                         "set backend: openai to sample rollouts with a server, or delete the field.")
+            if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or not self.checkpoint):
+                bad("checkpoint", f"checkpoint must be a hub id or a folder, got {self.checkpoint!r}.",
+                    "write the hub id or folder of the pretrained policy, or delete it for the CPU policy.")
+            if self.vision and not self.checkpoint:
+                bad("vision", "vision is set without a checkpoint: the CPU policy built from train.* is text-only.",
+                    "set checkpoint to a vision-language model (hub id or folder), or delete vision.")
             return
         for name, fix in (("checkpoint", "set it to the hub id or folder of the weights the server starts on."),
                           ("base_url", "set it to the server's API root, e.g. http://127.0.0.1:8000/v1.")):
@@ -140,8 +158,19 @@ class PolicyConfig:
         """Whether rollouts are sampled by a server (backend 'openai')."""
         return self.backend == "openai"
 
+    @property
+    def pretrained(self) -> bool:
+        """Whether the learner is loaded from `checkpoint` (else: the CPU policy from train.*)."""
+        return bool(self.checkpoint)
+
     def check_train(self, train) -> None:
         """ConfigError when this section contradicts the training config (a TrainConfig)."""
+        if self.pretrained and not self.served:
+            for name in ("cost_prior", "start_uniform"):
+                if getattr(train, name):
+                    raise ConfigError(f"train.{name} fits the output layer of the policy built from train.*; "
+                                      f"policy.checkpoint loads a pretrained one.", entry="train", field=name,
+                                      fix=f"delete train.{name}, or policy.checkpoint for the CPU policy.")
         if self.served and self.temperature is not None and float(self.temperature) != float(train.temperature):
             raise ConfigError(f"policy.temperature {self.temperature} differs from train.temperature "
                               f"{train.temperature}: TRL recomputes logprobs at grpo.temperature, so the server must "

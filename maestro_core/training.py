@@ -427,7 +427,9 @@ class TrainingRun:
     With a served policy (`policy` backend 'openai', maestro_core.policy_config) the learner is
     loaded from `policy.checkpoint`, rollouts are sampled by the server (spec kind "served"),
     and the server is synced (`OpenAIPolicy.sync_weights`) to ckpt-start when the run opens
-    and to ckpt-(it+1) after each update, before validation and the next collection.
+    and to ckpt-(it+1) after each update, before validation and the next collection. With
+    backend 'transformers' and a `policy.checkpoint`, that pretrained model (a VLM with its
+    processor under `policy.vision`) is the learner and samples in process, as the CPU policy does.
     """
 
     def __init__(self, registry: Registry, train_items: Sequence[Item], val_items: Sequence[Item], *, store,
@@ -447,7 +449,8 @@ class TrainingRun:
         self.registry_path = registry_path
         self.objects = store.objects
         self.meta_base = {"run_id": self.run_id, "registry_version": registry.version, "data_version": data_version,
-                          "config": asdict(config), **({"policy": asdict(self.policy)} if self.policy.served else {})}
+                          "config": asdict(config),
+                          **({"policy": asdict(self.policy)} if self.policy.served or self.policy.pretrained else {})}
         self.val = spread(val_items, config.val_items, seed=config.seed)
         self.cache = ExpertCache(store)
         self.curve: list[dict] = []
@@ -456,7 +459,7 @@ class TrainingRun:
         if done:
             last = done[-1]
             path = local_copy(last, self.out_dir / last.name, self.objects)
-            if self.policy.served:
+            if self.policy.served or self.policy.pretrained:
                 self.model, self.tokenizer = load_learner(path, vision=self.policy.vision)
             else:
                 lm = load_checkpoint_policy(path, registry, temperature=config.temperature)
@@ -469,7 +472,7 @@ class TrainingRun:
             self.best = (best.val_accuracy, str(best.path or best.name)) if best else None
             log(f"resuming run {self.run_id} from {last.name} (iteration {self.start} of {config.iterations})")
         else:
-            if self.policy.served:  # the initial weights the server starts on
+            if self.policy.served or self.policy.pretrained:  # the initial weights (the server starts on them)
                 self.model, self.tokenizer = load_learner(self.policy.checkpoint, vision=self.policy.vision)
             else:
                 self.model, self.tokenizer, _ = build_policy(registry, [it.question for it in train_items], config,
@@ -603,6 +606,11 @@ class TrainingRun:
             row["sync_s"] = self.sync_served(it + 1)
         if validate_now:
             greedy = self.served_policy(temperature=0.0, checkpoint_id="validation") if self.served else None
+            if greedy is None and self.policy.vision:  # in process: the VLM with its processor sees the images
+                from maestro_core.multimodal import VLMPolicy
+                self.model.eval()
+                greedy = VLMPolicy(self.model, self.tokenizer, self.registry, temperature=0.0,
+                                   checkpoint_id="validation", **policy_kwargs(cfg, self.registry))
             row.update(validate(self.registry, self.model, self.tokenizer, self.val, cfg, self.experts, self.cache,
                                 policy=greedy))
         self.curve = [r for r in self.curve if r["iteration"] < it] + [row]

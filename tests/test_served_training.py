@@ -174,7 +174,8 @@ def test_policy_section_is_typed_and_checked(tmp_path):
     cases = [({"backend": "vllm"}, "backend"),
              ({"backend": "openai", "base_url": "http://x/v1"}, "checkpoint"),
              ({"backend": "openai", "checkpoint": "c"}, "base_url"),
-             ({"checkpoint": "c"}, "checkpoint"),  # set, but the transformers backend would ignore it
+             ({"base_url": "http://x/v1"}, "base_url"),  # set, but the transformers backend would ignore it
+             ({"checkpoint": ""}, "checkpoint"),
              ({"backend": "openai", "checkpoint": "c", "base_url": "u", "record_tokens": False}, "record_tokens"),
              ({"backend": "openai", "checkpoint": "c", "base_url": "u", "sync": "restart"}, "sync"),
              ({"backend": "openai", "checkpoint": "c", "base_url": "u", "max_tokens": 0}, "max_tokens"),
