@@ -8,7 +8,8 @@ Maestro trains with outcome-only RL (GRPO): an episode's reward is
   scorers below decides (``exact``, ``numeric``, ``choice``, ``math``).
 - ``format_score``: 0.0 when every turn was a valid action and the episode ended with an
   answer, else ``-format_penalty`` (the paper uses 0 or -1).
-- ``cost_term``: ``-cost_lambda * cost / cost_scale``; 0.0 with the default cost_lambda=0.
+- ``cost_term``: ``-cost_lambda * cost / cost_scale``; 0.0 with the default cost_lambda=0
+  (and 0.0 on a wrong answer with ``cost_on_success``).
 
 Rewards are plain functions, as in TRL. Typical use::
 
@@ -804,6 +805,10 @@ class RewardConfig:
                 "0.0 ignores cost. Must be >= 0."})
     cost_scale: float = field(default=1e-3, metadata={
         "help": "The episode cost (currency units) that counts as 1.0 in the cost term. Must be > 0."})
+    cost_on_success: bool = field(default=False, metadata={
+        "help": "Charge the cost term only when the answer is right (cost_term x outcome): every wrong "
+                "answer scores the same whatever it cost, so the cost breaks ties between right routes and "
+                "never makes a cheap failure look better than a dear one. False: the paper's reward."})
 
     def __post_init__(self) -> None:
         src = "RewardConfig"
@@ -839,5 +844,7 @@ def compute_reward(prediction: str | None, answer: str, scorer: str | Scorer, *,
     outcome = fn(prediction, answer, choices=choices) if answered else 0.0
     fmt = format_reward(n_invalid_turns, answered, config.format_penalty)
     cost_term = cost_reward(cost, config.cost_lambda, config.cost_scale)
+    if config.cost_on_success:
+        cost_term = cost_term if outcome > 0 else 0.0
     return RewardBreakdown(outcome=outcome, format_score=fmt, cost_term=cost_term,
                            total=total_reward(outcome, fmt, cost_term))

@@ -78,6 +78,10 @@ class TrainConfig:
                 "the weight; use the request-time budget instead). With cost_scale 0.05 the best route of a "
                 "Maestro-Mini benchmark changes between 0 and 2."})
     cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
+    cost_on_success: bool = field(default=False, metadata={
+        "help": "Charge the cost term only on right answers (RewardConfig.cost_on_success): with cost_lambdas, "
+                "the cost then breaks ties between right routes (the cheapest right one wins) and a cheap "
+                "failure never scores above a dear one."})
     cost_budgets: tuple[float, ...] = field(default=(0.02, 0.005), metadata={
         "help": "Per-task cost budgets (USD) to train with, so the request-time budget knob (`maestro eval "
                 "--budget`) meets prompts the policy knows: a group gets one of them (drawn uniformly) with "
@@ -354,7 +358,7 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
 
 def episode_config(config: TrainConfig) -> EpisodeConfig:
     return EpisodeConfig(max_turns=config.max_turns, call_timeout_s=1800, compact_prompt=True,
-                         reward=RewardConfig(cost_scale=config.cost_scale))
+                         reward=RewardConfig(cost_scale=config.cost_scale, cost_on_success=config.cost_on_success))
 
 
 def update(model, tokenizer, trajectories: Sequence[Trajectory], config: TrainConfig, out_dir: Path, *,
@@ -540,7 +544,7 @@ class TrainingRun:
         g = self.config.grpo.num_generations
         ep = episode_config(self.config)
         episode = {"max_turns": ep.max_turns, "call_timeout_s": ep.call_timeout_s, "compact_prompt": True,
-                   "reward": {"cost_scale": self.config.cost_scale}}
+                   "reward": {"cost_scale": self.config.cost_scale, "cost_on_success": self.config.cost_on_success}}
         spec = {"kind": "learned", "checkpoint": str(self.checkpoint_path(it)), "run_id": self.run_id,
                 "temperature": self.config.temperature, "seed": self.config.seed * 100_003 + it * 1009}
         if self.config.explore:

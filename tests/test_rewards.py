@@ -400,6 +400,19 @@ def test_cost_reward() -> None:
         cost_reward(-1.0, 0.1, 1e-3)
 
 
+def test_cost_on_success_charges_only_right_answers() -> None:
+    """cost_on_success: a wrong answer scores 0 whatever it cost (a cheap failure is no better
+    than a dear one); a right one pays its cost, so the cheapest right route scores highest."""
+    cfg = RewardConfig(cost_lambda=0.3, cost_scale=0.05, cost_on_success=True)
+    kw = dict(scorer="exact", n_invalid_turns=0, answered=True, config=cfg)
+    dear_right, cheap_right = compute_reward("7", "7", cost=0.03, **kw), compute_reward("7", "7", cost=0.001, **kw)
+    dear_wrong, cheap_wrong = compute_reward("8", "7", cost=0.03, **kw), compute_reward("8", "7", cost=0.0005, **kw)
+    assert dear_right.total == pytest.approx(1 - 0.3 * 0.6) and cheap_right.total == pytest.approx(1 - 0.3 * 0.02)
+    assert dear_wrong.total == cheap_wrong.total == 0.0 and dear_wrong.cost_term == 0.0
+    paper = compute_reward("8", "7", cost=0.03, **{**kw, "config": RewardConfig(cost_lambda=0.3, cost_scale=0.05)})
+    assert paper.total == pytest.approx(-0.18)  # the paper's reward charges the failure
+
+
 def test_total_reward_is_the_sum() -> None:
     assert total_reward(1.0, -1.0, -0.25) == pytest.approx(-0.25)
 
