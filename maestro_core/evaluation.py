@@ -315,16 +315,18 @@ def checkpoint_episode_config(meta: Mapping, *, budget: float | None = None) -> 
 
 async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], path, *,
                       cache: ExpertCache, run_id: str, iteration: int, cost_lambda: float | None = None,
-                      budget: float | None = None, price_tilt: float = 0.0,
+                      budget: float | None = None, price_tilt: float = 0.0, policy=None,
                       progress: Callable[[str], None] | None = None) -> tuple[list[Trajectory], list[str]]:
     """The greedy policy of the checkpoint at `path` on every item (one episode each), with the
     cost weight `cost_lambda` shown in its prompt when given, a per-episode cost `budget`
     (the user message states it; the grammar offers only the calls it can pay for) and a
-    decode-time `price_tilt` (LMPolicy.price_tilt): the request-time cost knobs."""
+    decode-time `price_tilt` (LMPolicy.price_tilt): the request-time cost knobs. `policy`: that
+    checkpoint's greedy policy already loaded (its own price_tilt then applies)."""
     from maestro_core.checkpoints import load_checkpoint_policy, read_meta
 
     t0 = time.perf_counter()
-    policy = load_checkpoint_policy(path, registry, temperature=0.0, price_tilt=price_tilt)
+    if policy is None:
+        policy = load_checkpoint_policy(path, registry, temperature=0.0, price_tilt=price_tilt)
     meta = read_meta(path)
     from maestro_core.training import default_cost_lambda
 
@@ -348,6 +350,7 @@ async def calibrate_price_tilt(registry: Registry, experts: Mapping[str, ExpertB
     (the validation split: the test items are never looked at), found by doubling then
     bisecting (`steps` halvings; the cost of a greedy policy only falls as the tilt grows).
     Returns the tilt and each tried point {price_tilt, accuracy, cost_per_task}."""
+    from maestro_core.checkpoints import load_checkpoint_policy
     from maestro_core.errors import ConfigError
 
     if not target_cost > 0:
@@ -357,10 +360,12 @@ async def calibrate_price_tilt(registry: Registry, experts: Mapping[str, ExpertB
         raise ConfigError("no validation items to calibrate the price tilt on.", field="--target-cost",
                           fix="build the suite (maestro build-dataset): its val split calibrates the tilt.")
     tried: list[dict] = []
+    policy = load_checkpoint_policy(path, registry, temperature=0.0)  # loaded once; each point sets its tilt
 
     async def point(tilt: float) -> dict:
+        policy.price_tilt = tilt
         trajs, _ = await policy_runs(registry, experts, items, path, cache=cache, run_id="calibration", iteration=0,
-                                     budget=budget, price_tilt=tilt)
+                                     budget=budget, policy=policy)
         n = len(trajs)
         p = {"price_tilt": tilt, "accuracy": sum(t.outcome for t in trajs) / n,
              "cost_per_task": sum(t.total_cost for t in trajs) / n}

@@ -93,8 +93,8 @@ class LMPolicy:
         unknown = sorted(set(self.actions) - set(registry.grammar().actions))
         if unknown:
             raise ValueError(f"actions {unknown} are not in registry '{registry.name}'.")
-        prices = {a: registry.experts[a.split("@@", 1)[0]].call_cost_estimate() for a in self.actions} \
-            if price_tilt else None
+        # the registry's price estimate per call: what a price tilt (set now or later) lowers logits by
+        prices = {a: registry.experts[a.split("@@", 1)[0]].call_cost_estimate() for a in self.actions}
         self._constraint_kw = dict(max_tokens=max_turn_tokens, allow_think=allow_think,
                                    forward_question=forward_question, free_input=free_input, prices=prices)
         self.constraint = ActionConstraint(tokenizer, self.actions, **self._constraint_kw) if constrained else None
