@@ -45,21 +45,23 @@ def test_eval_rejects_unknown_checkpoint(tmp_path):
     assert res.returncode != 0 and "Fix:" in res.stderr
 
 
-def test_eval_target_cost_needs_a_checkpoint_and_says_so(tmp_path):
+def _eval_one_item(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`maestro eval --baselines --data` on one arithmetic item with a two-expert registry."""
     reg = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
     (tmp_path / "reg.yaml").write_text(yaml.safe_dump(reg))
     data = tmp_path / "items.jsonl"
-    data.write_text(json.dumps({"id": "q", "benchmark": "b", "question": "What is 6 * 7?", "answer": "42",
+    data.write_text(json.dumps({"id": "q", "benchmark": "m", "question": "What is 2 + 2?", "answer": "4",
                                 "scorer": "numeric"}) + "\n")
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
-                          "--target-cost", "0.01", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
+                           *args, "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_eval_target_cost_needs_a_checkpoint_and_says_so(tmp_path):
+    res = _eval_one_item(tmp_path, "--target-cost", "0.01")
     assert res.returncode != 0 and "--target-cost" in res.stderr and "Fix:" in res.stderr, res.stderr[-1500:]
-    assert not (tmp_path / "o" / "metrics.json").exists()
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
-                          "--target-cost", "0.01", "--price-tilt", "2", "--data", str(data), "--registry",
-                          str(tmp_path / "reg.yaml"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    res = _eval_one_item(tmp_path, "--target-cost", "0.01", "--price-tilt", "2")
     assert res.returncode != 0 and "one of --price-tilt and --target-cost" in res.stderr, res.stderr[-1500:]
 
 
@@ -90,14 +92,7 @@ def test_eval_on_a_jsonl_file_trains_the_routers_on_the_suite_of_the_home(tmp_pa
 
 
 def test_eval_on_a_jsonl_file_without_a_suite_skips_the_routers_and_says_why(tmp_path):
-    reg = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGISTRY["skills"][:2])
-    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(reg))
-    data = tmp_path / "items.jsonl"
-    data.write_text(json.dumps({"id": "q", "benchmark": "m", "question": "What is 2 + 2?", "answer": "4",
-                                "scorer": "numeric"}) + "\n")
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(tmp_path / "home"), "eval", "--baselines",
-                          "--checkpoint", "none", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = _eval_one_item(tmp_path, "--checkpoint", "none")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "routers skipped" in res.stdout + res.stderr and "maestro build-dataset" in res.stdout + res.stderr
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
