@@ -36,9 +36,9 @@ from maestro_core.http_policy import STRUCTURED_FIELDS, SYNC_PRESETS
 
 BACKENDS = ("transformers", "openai")
 _NOT_OPENAI_KWARGS = ("backend", "checkpoint", "base_url", "model")
+"""Fields that are not OpenAIPolicy keyword arguments (base_url and model are its positionals)."""
 IN_PROCESS_FIELDS = ("backend", "checkpoint", "vision")
 """The fields backend 'transformers' reads."""
-"""Fields that are not OpenAIPolicy keyword arguments (base_url and model are its positionals)."""
 
 
 def _f(default: Any, text: str) -> Any:
@@ -160,7 +160,8 @@ class PolicyConfig:
 
     @property
     def pretrained(self) -> bool:
-        """Whether the learner is loaded from `checkpoint` (else: the CPU policy from train.*)."""
+        """Whether the learner is loaded from `checkpoint` (always for backend 'openai', which
+        requires it; else the CPU policy is built from train.*)."""
         return bool(self.checkpoint)
 
     def check_train(self, train) -> None:

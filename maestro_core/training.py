@@ -454,7 +454,7 @@ class TrainingRun:
         self.objects = store.objects
         self.meta_base = {"run_id": self.run_id, "registry_version": registry.version, "data_version": data_version,
                           "config": asdict(config),
-                          **({"policy": asdict(self.policy)} if self.policy.served or self.policy.pretrained else {})}
+                          **({"policy": asdict(self.policy)} if self.policy.pretrained else {})}
         self.val = spread(val_items, config.val_items, seed=config.seed)
         self.cache = ExpertCache(store)
         self.curve: list[dict] = []
@@ -463,7 +463,7 @@ class TrainingRun:
         if done:
             last = done[-1]
             path = local_copy(last, self.out_dir / last.name, self.objects)
-            if self.policy.served or self.policy.pretrained:
+            if self.policy.pretrained:
                 self.model, self.tokenizer = load_learner(path, vision=self.policy.vision)
             else:
                 lm = load_checkpoint_policy(path, registry, temperature=config.temperature)
@@ -476,7 +476,7 @@ class TrainingRun:
             self.best = (best.val_accuracy, str(best.path or best.name)) if best else None
             log(f"resuming run {self.run_id} from {last.name} (iteration {self.start} of {config.iterations})")
         else:
-            if self.policy.served or self.policy.pretrained:  # the initial weights (the server starts on them)
+            if self.policy.pretrained:  # the initial weights (a server starts on them too)
                 self.model, self.tokenizer = load_learner(self.policy.checkpoint, vision=self.policy.vision)
             else:
                 self.model, self.tokenizer, _ = build_policy(registry, [it.question for it in train_items], config,
