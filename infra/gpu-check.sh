@@ -2,8 +2,10 @@
 # The checks that need a GPU machine, in one short run (about 2 minutes on an H100/H200):
 # the Qwen2-VL rollout + GRPO step (its processor needs torchvision, which the CPU venv must
 # not have), the GPU config's GRPO settings (bf16, gradient checkpointing) learning a toy task,
-# and the GRPO / LM-policy / served-training tests with TRL's update on CUDA (use_cpu is off when
-# a GPU is present, so the model trains on the GPU and samples the next rollouts from there).
+# the GRPO / LM-policy / served-training tests with TRL's update on CUDA (use_cpu is off when
+# a GPU is present, so the model trains on the GPU and samples the next rollouts from there),
+# in-process training of a pretrained model (its rollout copies load on the GPU), and the
+# batched VLM sampling benchmark (benchmarks/vlm_sampling.py, its JSON written to OUT_DIR).
 #
 # On a machine with torch + torchvision + CUDA but without this project's other packages, put
 # the missing wheels in .whl/ first (trl, datasets, duckdb, pytest-asyncio, and a transformers
@@ -29,6 +31,10 @@ for d in ("torch", "torchvision", "transformers", "trl", "accelerate", "peft", "
         print(f"{d}: missing")
 PY
 python3 -m pytest -p no:cacheprovider tests/test_vlm.py tests/test_grpo.py tests/test_lm_policy.py \
-  tests/test_served_vlm.py tests/test_served_training.py \
+  tests/test_served_vlm.py tests/test_served_training.py tests/test_pretrained_learner.py \
   -q -rs --durations=8 --junitxml="$out/junit.xml" 2>&1 | tee "$out/pytest.log"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+python3 benchmarks/vlm_sampling.py --out "$out" 2>&1 | tee "$out/vlm_sampling.log"
+bench=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] && exit "$bench"
+exit "$rc"

@@ -220,13 +220,14 @@ def untrained_of(path: str | Path, *, home: str | Path, objects: ObjectStore | N
 
 
 def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0.0, checkpoint_id: str | None = None,
-                           price_tilt: float = 0.0):
+                           price_tilt: float = 0.0, device: str | None = None):
     """An in-process policy from a checkpoint folder, with the decoding settings it was trained
     with: an LMPolicy, or a VLMPolicy (model + processor) for a checkpoint of a served
     vision-language policy (its run's `policy: {vision: true}`), which then sees the images.
-    `price_tilt`: the request-time price tilt (LMPolicy.price_tilt)."""
+    `price_tilt`: the request-time price tilt (LMPolicy.price_tilt). `device`: where the model
+    is placed (default `policy_model.inference_device()`: CUDA when there is one)."""
     from maestro_core.lm_policy import LMPolicy
-    from maestro_core.policy_model import load_policy_model
+    from maestro_core.policy_model import inference_device, load_policy_model
     from maestro_core.tokenizer import load_policy_tokenizer
     from maestro_core.training import policy_kwargs
 
@@ -239,9 +240,9 @@ def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0
         from maestro_core.policy_config import load_learner
 
         model, processor = load_learner(path, vision=True)
-        return VLMPolicy(model, processor, registry, temperature=temperature, **policy_kwargs(cfg, registry),
+        return VLMPolicy(model.to(device or inference_device()), processor, registry, temperature=temperature, **policy_kwargs(cfg, registry),
                          checkpoint_id=cid, price_tilt=price_tilt)
-    model = load_policy_model(path)
+    model = load_policy_model(path, device=device or inference_device())
     tok = load_policy_tokenizer(path)
     return LMPolicy(model, tok, registry, temperature=temperature, **policy_kwargs(cfg, registry), checkpoint_id=cid,
                     price_tilt=price_tilt)

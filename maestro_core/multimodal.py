@@ -24,12 +24,15 @@ differences:
   EpisodeRunner passes the item's image files in `view.images`, so nothing has to be bound by
   hand. A caller that drives `act` itself (or wants PIL images) can bind them first with
   `begin_episode(episode_id, images)` or `expect(items, ...)`; an explicit binding wins.
-- sampling runs one sequence per forward pass (batch size 1): the prefill forward gets the
-  episode's pixel values (and image grids, ...), and the model computes its own position ids
-  (multimodal RoPE for Qwen-VL-class models needs the image grid, which LMPolicy's left-padded
-  1-D positions would not give). Concurrent episodes are still queued and served together, one
-  after another. Image placeholder tokens are never sampled (a sampled one would have no image
-  features; TRL suppresses them in its own generation for the same reason).
+- sampling batches the queued turns as LMPolicy does (left padding, KV cache): each batch's
+  prefill gets its rows' pixel values (and image grids, ...) concatenated in row order, as the
+  processor batches them; rows whose image inputs have other shapes go in separate batches.
+  A model with multimodal RoPE (Qwen-VL class) computes its own positions from the image
+  grids and the attention mask at the prefill; each cached step then gets the row's text
+  position + its RoPE offset, as transformers' generation does. Every prefill carries the
+  images, so the shared system prompt is not prefilled apart (`share_prefix` is off). Image
+  placeholder tokens are never sampled (a sampled one would have no image features; TRL
+  suppresses them in its own generation for the same reason).
 
 Observations and turns are text and are encoded exactly as ChatEncoder does, with the
 processor's chat template. Validation errors are `ConfigError`s that name the image and the fix.
@@ -296,15 +299,19 @@ class _VisionContext(list):
 
 
 class _VisionForward:
-    """The model as LMPolicy.generate calls it, for one sequence (batch size 1): the prefill (no
-    cache yet) gets the image inputs and the per-token modality ids rebuilt for the whole
-    context; position ids and the all-ones attention mask are left to the model (which computes
-    multimodal RoPE positions where it has them); placeholder tokens get logit -inf."""
+    """The model as LMPolicy.generate calls it, for one batch of left-padded sequences: the
+    prefill (no cache yet) gets the batch's image inputs and the per-token modality ids rebuilt
+    for the whole context. Positions: a model with multimodal RoPE (Qwen-VL class: it keeps
+    `rope_deltas`) computes its own at the prefill from the ids, image grids and attention mask,
+    and each cached step gets the row's text position (its unpadded length) + its RoPE delta,
+    as transformers' own generation does; any other model gets LMPolicy's positions (0 at each
+    row's first token). Placeholder tokens get logit -inf."""
 
     def __init__(self, model: Any, processor: Any, vision: Mapping[str, Any], token_type_keys: Iterable[str],
                  banned: Sequence[int]):
         self.model, self.processor, self.vision = model, processor, dict(vision)
         self.token_type_keys, self.banned = tuple(token_type_keys), list(banned)
+        self.mrope = _rope_holder(model)
 
     def parameters(self):
         return self.model.parameters()
@@ -313,7 +320,10 @@ class _VisionForward:
                  logits_to_keep=1):
         import torch
 
-        kw: dict[str, Any] = dict(input_ids=input_ids, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        kw: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep)
+        if self.mrope is None:
+            kw["position_ids"] = position_ids
         if cache is None:
             _reset_rope_deltas(self.model)
             kw.update(self.vision)
@@ -321,6 +331,12 @@ class _VisionForward:
                 types = torch.tensor(self.processor.create_mm_token_type_ids(input_ids.tolist()),
                                      dtype=torch.long, device=input_ids.device)
                 kw.update({k: types for k in self.token_type_keys})
+        elif self.mrope is not None and self.mrope.rope_deltas is not None:
+            B, n = input_ids.shape
+            mask = attention_mask if attention_mask is not None else torch.ones(
+                (B, cache.get_seq_length() + n), dtype=torch.long, device=input_ids.device)
+            text = (mask.long().cumsum(-1) - 1)[:, -n:]
+            kw["position_ids"] = text.view(1, B, n).repeat(3, 1, 1) + self.mrope.rope_deltas.to(text.device)
         out = self.model(**kw)
         if self.banned:
             out.logits[..., self.banned] = float("-inf")
@@ -336,9 +352,22 @@ def _image_key(img: ImageLike) -> str:
     return f"{img.mode}:{img.size}:{hashlib.sha1(img.tobytes()).hexdigest()}"
 
 
+def _batch_signature(vision: Mapping[str, Any]) -> tuple:
+    """What must agree for image inputs to be concatenated into one batch: each key with the
+    shape after its first (per-image or per-patch) dimension and its dtype."""
+    return tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in vision["inputs"].items()))
+
+
+def _rope_holder(model: Any) -> Any:
+    """The module that keeps a Qwen-VL-class model's multimodal RoPE offsets (`rope_deltas`), or
+    None for a model without multimodal RoPE."""
+    return next((m for m in (model, getattr(model, "model", None)) if m is not None and hasattr(m, "rope_deltas")),
+                None)
+
+
 def _reset_rope_deltas(model: Any) -> None:
-    """Qwen-VL-class models keep the last prefill's multimodal RoPE offset on the module and use it
-    for later cached steps; a new sequence must not inherit it."""
+    """Qwen-VL-class models keep the last prefill's multimodal RoPE offsets on the module and use
+    them for later cached steps; a new batch must not inherit them."""
     for m in (model, getattr(model, "model", None)):
         if m is not None and getattr(m, "rope_deltas", None) is not None:
             m.rope_deltas = None
@@ -346,8 +375,8 @@ def _reset_rope_deltas(model: Any) -> None:
 
 class VLMPolicy(LMPolicy):
     """LMPolicy for a vision-language model and its processor (AutoProcessor): the prompt's
-    images reach the model. Sampling is one sequence per forward pass (see the module docstring);
-    every LMPolicy option (constrained, temperature, max_turn_tokens, ...) applies."""
+    images reach the model. Sampling is batched, the batch's images in its prefill (see the module
+    docstring); every LMPolicy option (constrained, temperature, max_turn_tokens, ...) applies."""
 
     def __init__(self, model: Any, processor: Any, registry: Registry, *, chat_template_kwargs:
                  Mapping[str, Any] | None = None, image_cache_size: int = 64, **kwargs: Any):
@@ -356,7 +385,8 @@ class VLMPolicy(LMPolicy):
                               source="VLMPolicy", field="processor",
                               fix="pass the model's AutoProcessor (text-only models: use LMPolicy with the tokenizer).")
         self._local = threading.local()
-        super().__init__(model, _ProcessorTemplateTokenizer(processor), registry, **kwargs)
+        # every prefill carries the images, so the system prompt is not prefilled apart
+        super().__init__(model, _ProcessorTemplateTokenizer(processor), registry, **{**kwargs, "share_prefix": False})
         self.tokenizer, self.processor = processor.tokenizer, processor
         self.encoder = ProcessorChatEncoder(processor, chat_template_kwargs)
         self.banned_ids = sorted({int(i) for name in ("image_token_ids", "video_token_ids", "audio_token_ids")
@@ -442,12 +472,17 @@ class VLMPolicy(LMPolicy):
 
     # -- sampling ---------------------------------------------------------------------------------
     def generate(self, contexts, states):
-        """LMPolicy.generate one context at a time, each with its episode's image inputs."""
+        """LMPolicy.generate over batches of contexts, each prefill with the batch's image inputs
+        (concatenated in row order, as the processor batches them); contexts whose image inputs
+        cannot be concatenated (other pixel shapes) go in separate batches."""
+        import torch
+
         vlm = self._model
         dev = next(vlm.parameters()).device
         dtype = next(vlm.parameters()).dtype
-        results = []
-        for ctx, st in zip(contexts, states):
+        groups: dict[tuple, list[int]] = {}
+        rows: list[dict[str, Any]] = []
+        for i, ctx in enumerate(contexts):
             vision = getattr(ctx, "vision", None)
             if vision is None:
                 if self.banned_ids and set(self.banned_ids) & set(ctx):
@@ -455,11 +490,23 @@ class VLMPolicy(LMPolicy):
                                       source="VLMPolicy", fix="sample through act() (with the episode's images "
                                                               "bound), not generate() on bare ids.")
                 vision = {"inputs": {}, "token_types": ()}
-            inputs = {k: (v.to(device=dev, dtype=dtype) if v.is_floating_point() else v.to(dev))
-                      for k, v in vision["inputs"].items()}
-            self._local.forward = _VisionForward(vlm, self.processor, inputs, vision["token_types"], self.banned_ids)
+            rows.append(vision)
+            groups.setdefault(_batch_signature(vision), []).append(i)
+        if () in groups and len(groups) > 1:  # rows without images join any batch
+            first = next(k for k in groups if k != ())
+            groups[first] = sorted(groups[first] + groups.pop(()))
+        results: list[Any] = [None] * len(contexts)
+        for idx in groups.values():
+            inputs: dict[str, Any] = {}
+            for k in dict.fromkeys(k for i in idx for k in rows[i]["inputs"]):
+                v = torch.cat([rows[i]["inputs"][k] for i in idx if k in rows[i]["inputs"]])
+                inputs[k] = v.to(device=dev, dtype=dtype) if v.is_floating_point() else v.to(dev)
+            types = tuple(dict.fromkeys(t for i in idx for t in rows[i]["token_types"]))
+            self._local.forward = _VisionForward(vlm, self.processor, inputs, types, self.banned_ids)
             try:
-                results.extend(LMPolicy.generate(self, [list(ctx)], [st]))
+                out = LMPolicy.generate(self, [list(contexts[i]) for i in idx], [states[i] for i in idx])
             finally:
                 self._local.forward = None
+            for i, r in zip(idx, out):
+                results[i] = r
         return results

@@ -34,6 +34,34 @@ def build_tiny_model(tokenizer, hidden: int = 256, layers: int = 4, heads: int =
     return model.eval()
 
 
+DEVICE_ENV = "MAESTRO_POLICY_DEVICE"
+
+
+def inference_device() -> str:
+    """Where an in-process policy samples: $MAESTRO_POLICY_DEVICE when set ('cpu', 'cuda',
+    'cuda:1', ...), else the first CUDA device when there is one, else the CPU. The learner's
+    updates are placed by TRL (use_cpu off when a GPU is present); rollouts follow this."""
+    import os
+
+    import torch
+
+    from maestro_core.errors import ConfigError
+
+    name = os.environ.get(DEVICE_ENV, "").strip()
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{DEVICE_ENV}={name!r} is not a torch device: {e}", field=DEVICE_ENV,
+                          fix="set it to cpu, cuda or cuda:N, or unset it (CUDA when available).") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"{DEVICE_ENV}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s).",
+                          field=DEVICE_ENV, fix="set it to cpu, or to a CUDA device that exists, or unset it.")
+    return str(dev)
+
+
 def load_policy_model(path_or_hub_id: str | Path, *, dtype=None, device: str = "cpu"):
     """Any causal LM through `AutoModelForCausalLM.from_pretrained` (a local path or a hub id)."""
     import torch

@@ -466,8 +466,8 @@ class TrainingRun:
             if self.policy.pretrained:
                 self.model, self.tokenizer = load_learner(path, vision=self.policy.vision)
             else:
-                lm = load_checkpoint_policy(path, registry, temperature=config.temperature)
-                self.model, self.tokenizer = lm.model, lm.tokenizer
+                lm = load_checkpoint_policy(path, registry, temperature=config.temperature, device="cpu")
+                self.model, self.tokenizer = lm.model, lm.tokenizer  # as at a fresh start: TRL places the learner
             self.curve = list(last.meta.get("curve", []))[:last.iteration]
             self.start = last.iteration
             self.checkpoints = [str(c.path or c.name) for c in done if c.iteration > 0 and c.val_accuracy is not None]

@@ -83,3 +83,11 @@ def test_scaling(tmp_path):
         assert {"items", "group_size", "episodes", "collect_s", "store_s", "update_s", "total_s",
                 "s_per_episode"} <= set(row)
         assert row["episodes"] == row["items"] * row["group_size"] and row["params_changed"]
+
+
+def test_vlm_sampling(tmp_path):
+    r = run_small("vlm_sampling", tmp_path)
+    assert [row["max_batch_size"] for row in r["rows"]] == [1, r["episodes"]]
+    assert r["rows"][0]["mean_batch"] == 1 and r["rows"][1]["mean_batch"] > 1
+    assert r["same_tokens"] is True and r["max_abs_logprob_diff"] < 2e-3
+    assert r["speedup"] == pytest.approx(r["rows"][1]["turns_per_s"] / r["rows"][0]["turns_per_s"], rel=0.01)

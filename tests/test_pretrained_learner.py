@@ -68,7 +68,9 @@ def test_a_pretrained_text_model_trains_in_process_and_resumes(reg, tok, tmp_pat
     assert fingerprint(run.model) != initial and "val_accuracy" in row
     meta = json.loads((tmp_path / "run" / "ckpt-2" / "maestro.json").read_text())
     assert meta["policy"]["checkpoint"] == str(init) and meta["policy"]["backend"] == "transformers"
-    assert isinstance(load_checkpoint_policy(tmp_path / "run" / "ckpt-2", reg), LMPolicy)
+    lm = load_checkpoint_policy(tmp_path / "run" / "ckpt-2", reg)
+    assert isinstance(lm, LMPolicy)  # rollouts and evaluation sample on the GPU when there is one
+    assert next(lm.model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_a_pretrained_vlm_trains_in_process_with_the_images(reg, tmp_path):  # noqa: F811
@@ -104,3 +106,19 @@ def test_the_in_process_policy_section_is_checked():
     with pytest.raises(ConfigError, match="cost_prior"):
         PolicyConfig(backend="transformers", checkpoint="x").check_train(TrainConfig(cost_prior=2.0))
     PolicyConfig(backend="transformers").check_train(TrainConfig(cost_prior=2.0))  # the CPU policy: fine
+
+
+def test_in_process_policies_sample_where_maestro_policy_device_says(monkeypatch):
+    from maestro_core.policy_model import DEVICE_ENV, inference_device
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    assert inference_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert inference_device() == "cpu"
+    monkeypatch.setenv(DEVICE_ENV, "gpu0")
+    with pytest.raises(ConfigError, match="is not a torch device") as e:
+        inference_device()
+    assert "cuda:N" in e.value.fix
+    monkeypatch.setenv(DEVICE_ENV, f"cuda:{torch.cuda.device_count()}")  # one past the last
+    with pytest.raises(ConfigError, match="CUDA device"):
+        inference_device()

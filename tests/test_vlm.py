@@ -257,27 +257,59 @@ def tiny_llava(reg):
     return LlavaForConditionalGeneration(cfg).eval(), processor, "model.vision_tower."
 
 
-def tiny_qwen2_vl(reg):
+def _image_only_qwen2_vl_processor_class():
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnly(Qwen2VLProcessor):
+        """Qwen2VLProcessor without its video processor (the one part that needs torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnly
+
+
+def _ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=None):
+    return _image_only_qwen2_vl_processor_class()(image_processor, tokenizer, chat_template=chat_template)
+
+
+def tiny_qwen2_vl(reg, image_only: bool = False, *, hidden: int = 64, layers: int = 2, heads: int = 2,
+                  vision_depth: int = 1, vision_dim: int = 32):
     """Qwen2-VL: a 1-block vision tower (14x14 patches merged 2x2) and a 2-layer text model with
-    multimodal RoPE; a 56x56 image is 4 image tokens."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    multimodal RoPE; a 56x56 image is 4 image tokens. `image_only`: a processor with the PIL
+    image processor and no video processor, which needs no torchvision (runs on CPU). The sizes
+    are for benchmarks/vlm_sampling.py."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
     tok = policy_tokenizer(reg, ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"])
     template = vlm_template("{{ '<|vision_start|><|image_pad|><|vision_end|>' }}")
     tok.chat_template = None
     size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(size=size), chat_template=template)
+    if image_only:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        processor = _ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil(size=size), tok, chat_template=template)
+    else:
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(size=size), tokenizer=tok,
+                                     video_processor=Qwen2VLVideoProcessor(size=size), chat_template=template)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
                                                       "<|video_pad|>")}
+    half = hidden // heads // 2  # the rotary half of a head: the three multimodal RoPE sections add up to it
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "mrope_section": [half // 4, half * 3 // 8,
+                                                                                     half - half // 4 - half * 3 // 8],
+                                          "rope_theta": 10000.0},
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, mlp_ratio=2, num_heads=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
@@ -414,3 +446,39 @@ async def test_qwen2_vl_policy_rollout_and_grpo_step(reg, tmp_path):
     model.to(dev)
     # a 40x30 image is scaled up to the minimum area, 56x84: a 4x6 patch grid merged 2x2 = 6 tokens
     await _rollout_and_update(reg, tmp_path, model, processor, vision_prefix, n_image_tokens=6)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+async def test_batched_vlm_sampling_matches_one_sequence_at_a_time(reg, tmp_path, arch):
+    """Greedy episodes sampled in batches (left padding, the batch's images concatenated in its
+    prefill; for Qwen2-VL, multimodal RoPE positions per row) give the same tokens and logprobs
+    as one sequence per forward pass, over images of different sizes (other image-token counts,
+    so the rows are padded) and an item with no image."""
+    if arch == "llava":
+        model, processor, _ = tiny_llava(reg)
+    else:  # the image-only processor runs on CPU; the full one where torchvision is installed
+        model, processor, _ = tiny_qwen2_vl(reg, image_only=importlib.util.find_spec("torchvision") is None)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = [(40, 30), (120, 60), (56, 112), (90, 90)]
+    items = [Item(id=f"b{i}", benchmark="math", question=f"What is {i} + 4?", answer=str(i + 4), scorer="numeric",
+                  images=(write_png(tmp_path / f"b{i}.png", wh, (60 * i, 120, 200 - 40 * i)),))
+             for i, wh in enumerate(sizes)]
+    items.append(Item(id="plain", benchmark="math", question="What is 2 + 2?", answer="4", scorer="numeric"))
+    if arch == "qwen2_vl":
+        counts = {expected_image_tokens(processor, it.images[0]) for it in items if it.images}
+        assert len(counts) > 1, counts  # the rows really are of different lengths
+
+    async def sample(max_batch_size):
+        policy = VLMPolicy(model, processor, reg, temperature=0.0, max_turn_tokens=12,
+                           max_batch_size=max_batch_size, batch_window_s=0.05)
+        runner = EpisodeRunner(reg, build_experts(reg), policy, config=EpisodeConfig(max_turns=2))
+        return await runner.run(items, group_size=2, run_id="batch", iteration=0), policy.stats
+
+    one, one_stats = await sample(1)
+    many, many_stats = await sample(16)
+    assert max(one_stats.batch_sizes) == 1 and max(many_stats.batch_sizes) >= len(items)
+    tol = 1e-4 if next(model.parameters()).device.type == "cpu" else 2e-3
+    for a, b in zip(one, many):
+        assert a.item_id == b.item_id and a.prompt_ids == b.prompt_ids
+        assert [s.completion_ids for s in a.steps] == [s.completion_ids for s in b.steps]
+        assert max(abs(x - y) for x, y in zip(a.completion_logprobs(), b.completion_logprobs())) < tol
