@@ -62,6 +62,14 @@ class LMPolicy:
                  price_tilt: float = 0.0):
         if temperature < 0:
             raise ValueError("temperature must be >= 0 (0 = greedy).")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        n_out = getattr(getattr(head, "weight", None), "shape", (None,))[0]
+        if constrained and n_out is not None and len(tokenizer) > n_out:
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's output layer {n_out}: the "
+                              "grammar's tokens past the output layer could never be sampled.",
+                              source="LMPolicy", field="tokenizer",
+                              fix="use the tokenizer saved with the checkpoint, or resize the model to it "
+                                  "(model.resize_token_embeddings(len(tokenizer))) before training.")
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.temperature, self.max_turn_tokens = temperature, max_turn_tokens
         self.constrained, self.answer_candidates = constrained, answer_candidates

@@ -91,3 +91,10 @@ def test_vlm_sampling(tmp_path):
     assert r["rows"][0]["mean_batch"] == 1 and r["rows"][1]["mean_batch"] > 1
     assert r["same_tokens"] is True and r["max_abs_logprob_diff"] < 2e-3
     assert r["speedup"] == pytest.approx(r["rows"][1]["turns_per_s"] / r["rows"][0]["turns_per_s"], rel=0.01)
+
+
+def test_pretrained_training(tmp_path):
+    r = run_small("pretrained_training", tmp_path)
+    assert [row["iteration"] for row in r["rows"]] == [0, 1]
+    assert all(row["episodes"] == 16 and row["collect_s"] > 0 and row["update_s"] > 0 for row in r["rows"])
+    assert r["rows"][-1]["val_accuracy"] is not None and r["parameters"] > 0

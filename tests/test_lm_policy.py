@@ -262,3 +262,16 @@ async def test_target_cost_calibrates_the_smallest_price_tilt_on_the_items_given
     assert all(p["cost_per_task"] > 0.0012 for p in tried if p["price_tilt"] < tilt)
     with pytest.raises(ConfigError, match="raise the target"):
         await calibrate_price_tilt(reg, experts, items, path, cache=None, target_cost=0.0005, max_tilt=64)
+
+
+def test_a_tokenizer_larger_than_the_output_layer_is_refused_with_the_fix(reg, tok):
+    from maestro_core.errors import ConfigError
+
+    small = build_tiny_model(tok, hidden=32, layers=1, heads=2, seed=0)
+    small.resize_token_embeddings(len(tok) - 1)
+    with pytest.raises(ConfigError, match=rf"{len(tok)} tokens but the model's output layer {len(tok) - 1}") as e:
+        LMPolicy(small, tok, reg)
+    assert "resize_token_embeddings" in e.value.fix
+    LMPolicy(small, tok, reg, constrained=False)  # unconstrained: tokens past the layer are never asked for
+    small.resize_token_embeddings(len(tok) + 7)  # a larger output layer (padded vocabularies) is fine
+    LMPolicy(small, tok, reg)
