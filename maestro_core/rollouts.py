@@ -9,7 +9,7 @@ process (a Dask worker, a Prefect worker). Its policy is built from a `policy_sp
                                                                  demo router: first regex matching the
                                                                  question picks the pair, else default
     {"kind": "learned", "checkpoint": "/home/runs/r1/ckpt-3", "run_id": "r1", "temperature": 1.0, "seed": 7,
-     "explore": 0.2, "price_tilt": 2.0}                           (optional: LMPolicy.explore, .price_tilt)
+     "explore": 0.2}                                              (explore: optional, LMPolicy.explore)
                                                                  the LM policy of a checkpoint folder
                                                                  (downloaded from the chunk's object
                                                                  store when the folder is missing)
@@ -115,8 +115,7 @@ def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | N
             raise ConfigError(f"checkpoint folder {path} does not exist.", field="policy_spec.checkpoint",
                               fix="pass an existing folder, or run_id + the chunk's object store to download it.")
         download(open_object_store(object_store), str(spec["run_id"]), path.name, path)
-    policy = load_checkpoint_policy(path, registry, temperature=float(spec.get("temperature", 1.0)),
-                                    price_tilt=float(spec.get("price_tilt", 0.0)))
+    policy = load_checkpoint_policy(path, registry, temperature=float(spec.get("temperature", 1.0)))
     policy.generator.manual_seed(int(spec.get("seed", 0)))
     policy.explore = float(spec.get("explore", 0.0))
     return policy

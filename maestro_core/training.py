@@ -65,12 +65,6 @@ class TrainConfig:
         "help": "Share of uniform exploration over the call targets in training rollouts (LMPolicy.explore): a "
                 "target is drawn from (1 - explore) x policy + explore x uniform, so a route the policy rates "
                 "low keeps being tried; validation and evaluation are greedy. 0: off."})
-    explore_tilt: float = field(default=0.0, metadata={
-        "help": "Price-tilted exploration in training rollouts (nats per US cent, LMPolicy.price_tilt): each call "
-                "target's logit is lowered by the tilt x its price, so cheaper routes the policy rates close "
-                "are sampled more often and their groups compare them at the reward's cost weight (use with "
-                "cost_lambdas). The recorded logprobs are the tilted ones; validation and evaluation are "
-                "untilted. 0: off."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=100, metadata={"help": "Validation items scored at each evaluation (spread over the benchmarks; 100 = the whole Maestro-Mini val split)."})
     chunk_size: int = field(default=0, metadata={
@@ -138,9 +132,6 @@ class TrainConfig:
         if self.call_input not in ("question", "free"):
             raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
                               fix="use 'question' or 'free'.")
-        if not self.explore_tilt >= 0:
-            raise ConfigError(f"explore_tilt must be >= 0, got {self.explore_tilt}.", field="explore_tilt",
-                              fix="use e.g. 2.0 (nats per cent), or 0 to switch it off.")
         if not 0.0 <= self.explore < 1.0:
             raise ConfigError(f"explore must be in [0, 1), got {self.explore}.", field="explore",
                               fix="use e.g. 0.2, or 0 to switch it off.")
@@ -558,8 +549,6 @@ class TrainingRun:
                 "temperature": self.config.temperature, "seed": self.config.seed * 100_003 + it * 1009}
         if self.config.explore:
             spec["explore"] = self.config.explore
-        if self.config.explore_tilt:
-            spec["price_tilt"] = self.config.explore_tilt
         if self.served is not None:  # no API key in it: OpenAIPolicy reads the environment
             kw = self.policy.openai_kwargs(self.config, self.registry)
             spec = {"kind": "served", "base_url": self.served.base_url, "model": self.served.model, **kw,

@@ -195,32 +195,3 @@ def test_a_kl_term_is_taken_against_ckpt_0_the_uniform_start(registry_dict, tmp_
         again = TrainingRun(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
                             out_dir=tmp_path / "run", run_id="kl", log=lambda s: None)
         assert again.start == 1 and again.model.config._name_or_path == str(tmp_path / "run" / "ckpt-0")
-
-
-def test_price_tilted_exploration_reaches_the_rollout_policy_only(registry_dict, tmp_path):
-    """train.explore_tilt: the rollout chunks' policy samples with that price tilt (recorded
-    logprobs are the tilted ones); a bad value is refused with the fix."""
-    import pytest
-
-    from maestro_core.errors import ConfigError
-    from maestro_core.rollouts import build_policy
-    from maestro_core.training import TrainingRun
-
-    with pytest.raises(ConfigError, match="explore_tilt must be >= 0"):
-        TrainConfig(explore_tilt=-1.0)
-    registry_dict["experts"] = registry_dict["experts"][:2]
-    registry_dict["skills"] = registry_dict["skills"][:2]
-    reg = parse_registry(registry_dict)
-    items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(6)]
-    cfg = TrainConfig(iterations=1, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
-                      pretrain_steps=0, eval_every=5, val_items=3, budget_share=0.0, explore_tilt=2.5,
-                      grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
-    with Store(tmp_path / "home") as store:
-        run = TrainingRun(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
-                          out_dir=tmp_path / "run", run_id="tilt", log=lambda s: None)
-        spec = run.chunk_specs(0)[0].policy_spec
-        assert spec["price_tilt"] == 2.5
-        assert build_policy(spec, reg).price_tilt == 2.5
-        assert build_policy({**spec, "price_tilt": 0.0}, reg).price_tilt == 0.0
-        run.collect(0)
-        assert run.ingest(0) == 4 * 4
