@@ -240,7 +240,8 @@ def load_checkpoint_policy(path: str | Path, registry, *, temperature: float = 0
         from maestro_core.policy_config import load_learner
 
         model, processor = load_learner(path, vision=True)
-        return VLMPolicy(model.to(device or inference_device()), processor, registry, temperature=temperature, **policy_kwargs(cfg, registry),
+        model = model.to(device or inference_device())
+        return VLMPolicy(model, processor, registry, temperature=temperature, **policy_kwargs(cfg, registry),
                          checkpoint_id=cid, price_tilt=price_tilt)
     model = load_policy_model(path, device=device or inference_device())
     tok = load_policy_tokenizer(path)

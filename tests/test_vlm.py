@@ -302,7 +302,8 @@ def tiny_qwen2_vl(reg, image_only: bool = False, *, hidden: int = 64, layers: in
                                                       "<|video_pad|>")}
     half = hidden // heads // 2  # the rotary half of a head: the three multimodal RoPE sections add up to it
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "mrope_section": [half // 4, half * 3 // 8,
                                                                                      half - half // 4 - half * 3 // 8],
