@@ -37,8 +37,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
-    from maestro_core.errors import ConfigError
-    from maestro_core.frontier import question_template, template_frontier
+    from maestro_core.frontier import load_pair_table, question_template, template_frontier
     from maestro_core.plots import cost_knob_plot
     from maestro_core.store import Store
 
@@ -46,20 +45,7 @@ def main() -> None:
     metrics = json.loads(args.metrics.read_text())
     run = metrics["run_id"]
     with Store(args.home) as store:
-        iterations = store.query("SELECT DISTINCT iteration FROM episodes WHERE run_id = ? AND checkpoint_id = "
-                                 "'baseline' ORDER BY iteration", [run])["iteration"].to_pylist()
-        table, order = {}, None
-        for k in iterations:
-            trajs = store.trajectories(run, k)
-            pair = next((f"{s.expert}@@{s.skill}" for t in trajs for s in t.steps if s.expert), None)
-            trajs = sorted(trajs, key=lambda t: t.item_id)
-            order = order or [t.item_id for t in trajs]
-            if pair is None or [t.item_id for t in trajs] != order:
-                raise ConfigError(f"iteration {k} of {run} is not a pair of the table.", fix="pass the metrics.json "
-                                  "of a `maestro eval --baselines` run made in this home.")
-            table[pair] = trajs
-    if not table:
-        raise ConfigError(f"run {run} has no pair table in {args.home}.", fix="run `maestro eval --baselines` there.")
+        table = load_pair_table(store, run)
     if args.pairs_under is not None:
         table = {p: t for p, t in table.items() if max(x.total_cost for x in t) <= args.pairs_under}
         print(f"pairs whose calls cost at most ${args.pairs_under:g}: {sorted(table)}")

@@ -9,6 +9,10 @@ templates with costs rounded to `unit`.
 
     templates = [question_template(it.benchmark, it.question) for it in items]
     points = template_frontier(table, templates, caps=[0.005, 0.01, 0.02])
+
+`price_bias_bound` asks the same of a global request-time price: the best accuracy that one
+bias per pair, added to a policy's first-call scores, reaches under a cost cap (also fitted on
+the scored items, so an upper bound for any per-pair price such as the price tilt).
 """
 
 from __future__ import annotations
@@ -20,6 +24,27 @@ from maestro_core.errors import ConfigError
 from maestro_core.trajectory import Trajectory
 
 _WORD = re.compile(r"[A-Za-z]+")
+
+
+def load_pair_table(store, run_id: str) -> dict[str, list[Trajectory]]:
+    """The pair table that `maestro eval --baselines` stored for `run_id`: pair -> its episodes
+    on every evaluated item, sorted by item id (the same order for every pair)."""
+    iterations = store.query("SELECT DISTINCT iteration FROM episodes WHERE run_id = ? AND checkpoint_id = "
+                             "'baseline' ORDER BY iteration", [run_id])["iteration"].to_pylist()
+    table: dict[str, list[Trajectory]] = {}
+    order = None
+    for k in iterations:
+        trajs = store.trajectories(run_id, k)
+        pair = next((f"{s.expert}@@{s.skill}" for t in trajs for s in t.steps if s.expert), None)
+        trajs = sorted(trajs, key=lambda t: t.item_id)
+        order = order or [t.item_id for t in trajs]
+        if pair is None or [t.item_id for t in trajs] != order:
+            raise ConfigError(f"iteration {k} of {run_id} is not a pair of the table.", fix="pass the metrics.json "
+                              "of a `maestro eval --baselines` run made in this home.")
+        table[pair] = trajs
+    if not table:
+        raise ConfigError(f"run {run_id} has no pair table.", fix="run `maestro eval --baselines` in this home.")
+    return table
 
 
 def question_template(benchmark: str, question: str, *, words: int = 6) -> str:
@@ -72,4 +97,76 @@ def template_frontier(table: Mapping[str, Sequence[Trajectory]], templates: Sequ
             continue
         spent, (correct, routes) = max(within, key=lambda kv: (kv[1][0], -kv[0]))
         out.append({"cap": cap, "accuracy": correct / n, "cost_per_task": spent * unit / n, "routes": dict(routes)})
+    return out
+
+
+def price_bias_bound(scores: Sequence[Sequence[float]], pairs: Sequence[str],
+                     table: Mapping[str, Sequence[Trajectory]], caps: Sequence[float], *,
+                     grid: Sequence[float] = (-20, -10, -5, -3, -2, -1, -0.5, 0, 0.5, 1, 2, 3, 5, 10, 20),
+                     rounds: int = 6) -> list[dict]:
+    """For each cap (USD per task): one bias per pair, subtracted from the policy's first-call
+    scores (`scores[i][k]`: item i, pair `pairs[k]`), so that each item goes to its argmax,
+    chosen to maximise accuracy with the mean cost at most the cap (coordinate search over
+    `grid`, `rounds` passes; a pair missing from the table scores 0 at no cost). An upper bound
+    on what a global per-pair price reaches on these items; a local search, so a lower bound on
+    that bound. Returns dicts with cap, accuracy, cost_per_task, biases (the non-zero ones)."""
+    n = len(scores)
+    if any(len(trajs) != n for trajs in table.values()):
+        raise ConfigError("every pair needs one episode per scored item.", fix="score the pair table's items.")
+    outcome = [[table[p][i].outcome if p in table else 0.0 for p in pairs] for i in range(n)]
+    cost = [[table[p][i].total_cost if p in table else 0.0 for p in pairs] for i in range(n)]
+
+    def routed(bias):
+        picks = [max(range(len(pairs)), key=lambda k: row[k] - bias[k]) for row in scores]
+        return (sum(outcome[i][k] for i, k in enumerate(picks)) / n, sum(cost[i][k] for i, k in enumerate(picks)) / n)
+
+    out = []
+    for cap in caps:
+        def value(bias):  # under the cap beats over it; then accuracy (under) or a lower cost (over)
+            acc, c = routed(bias)
+            ok = c <= cap + 1e-12
+            return (ok, acc if ok else -c, -c), acc, c
+        bias = [0.0] * len(pairs)
+        best = value(bias)
+        for _ in range(rounds):
+            moved = False
+            for k in range(len(pairs)):
+                for g in grid:
+                    trial = bias[:k] + [float(g)] + bias[k + 1:]
+                    v = value(trial)
+                    if v[0] > best[0]:
+                        best, bias, moved = v, trial, True
+            if not moved:
+                break
+        _, acc, c = best
+        ok = c <= cap + 1e-12
+        out.append({"cap": cap, "accuracy": acc if ok else None, "cost_per_task": c if ok else None,
+                    "biases": {p: b for p, b in zip(pairs, bias) if b}})
+    return out
+
+
+def first_call_scores(policy, registry, items) -> list[list[float]]:
+    """A CPU policy's first-call scores for `price_bias_bound`: log p(target | compact prompt,
+    `<call>`) over its grammar's pairs (`policy.actions`, each one token), per item."""
+    import torch
+
+    from maestro_core.episode import build_messages
+
+    tok, model = policy.tokenizer, policy.model
+    ids = []
+    for a in policy.actions:
+        t = tok(a, add_special_tokens=False)["input_ids"]
+        if len(t) != 1:
+            raise ConfigError(f"pair {a} is {len(t)} tokens in this policy's tokenizer.", field="checkpoint",
+                              fix="use a checkpoint of the CPU policy (one token per pair); the bound reads "
+                                  "single-token call targets.")
+        ids.append(t[0])
+    call = tok("<call>", add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for item in items:
+            ctx = list(policy.encode_prompt(build_messages(registry, item, compact=True))) + call
+            logits = model(torch.tensor([ctx], device=device)).logits[0, -1, ids]
+            out.append(logits.float().log_softmax(-1).tolist())
     return out

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from maestro_core.errors import ConfigError
-from maestro_core.frontier import question_template, template_frontier
+from maestro_core.frontier import price_bias_bound, question_template, template_frontier
 
 
 def test_templates_keep_the_wording_and_drop_names_and_numbers():
@@ -54,3 +54,26 @@ def test_a_cap_below_every_route_has_no_point_and_bad_tables_are_errors():
         template_frontier(table, ["t", "u"], [0.01])
     with pytest.raises(ConfigError, match="empty"):
         template_frontier({}, [], [0.01])
+
+
+def test_the_price_bias_bound_moves_items_by_their_margins_and_keeps_the_cap():
+    """Two pairs: 'dear' right on every item, 'cheap' right on items 0-2 only. The policy
+    prefers 'dear' everywhere, with margins 1..6. A bias on 'dear' moves the items with the
+    smallest margins first; no per-pair bias can move items 3-5 alone (their margins are the
+    largest), so the bound at a cap that needs three cheap items is below the template-free
+    optimum when the right-on-cheap items are not the small-margin ones."""
+    pairs = ["cheap", "dear"]
+    ep = SimpleNamespace
+    table = {"cheap": [ep(outcome=float(i < 3), total_cost=0.001) for i in range(6)],
+             "dear": [ep(outcome=1.0, total_cost=0.02) for _ in range(6)]}
+    scores = [[0.0, float(m)] for m in (1, 2, 3, 4, 5, 6)]  # items 0-2 have the small margins
+    free, capped, tight = price_bias_bound(scores, pairs, table, caps=[0.05, 0.0105, 0.0005])
+    assert free["accuracy"] == 1.0 and free["cost_per_task"] == pytest.approx(0.0105)  # equal accuracy: cheaper
+    assert capped["cost_per_task"] <= 0.0105 and capped["accuracy"] == 1.0  # items 0-2 to cheap: all right
+    assert capped["biases"].get("dear", 0) - capped["biases"].get("cheap", 0) >= 3 - 1e-9  # a margin of 3 moved
+    assert tight["accuracy"] is None  # below the cheapest route: no point
+    reversed_scores = [[0.0, float(m)] for m in (6, 5, 4, 3, 2, 1)]  # now items 3-5 move first
+    bound = price_bias_bound(reversed_scores, pairs, table, caps=[0.0105])[0]
+    assert bound["cost_per_task"] <= 0.0105 and bound["accuracy"] == 0.5  # the wrong three went cheap
+    with pytest.raises(ConfigError, match="one episode per scored item"):
+        price_bias_bound(scores[:2], pairs, table, caps=[0.01])

@@ -275,3 +275,24 @@ def test_a_tokenizer_larger_than_the_output_layer_is_refused_with_the_fix(reg, t
     LMPolicy(small, tok, reg, constrained=False)  # unconstrained: tokens past the layer are never asked for
     small.resize_token_embeddings(len(tok) + 7)  # a larger output layer (padded vocabularies) is fine
     LMPolicy(small, tok, reg)
+
+
+async def test_first_call_scores_rank_the_targets_as_greedy_decoding_does(reg, tok, model):
+    """frontier.first_call_scores (benchmarks/route_bias_bound.py): on the compact prompt, the
+    argmax of the scores is the target that greedy constrained decoding calls (a policy that
+    must call on its first turn: answer_candidates), and each row is a distribution."""
+    import math
+
+    from maestro_core.frontier import first_call_scores
+
+    items = [Item(f"f{i}", "math", f"What is {i} + {2 * i}?", str(3 * i), "numeric") for i in range(6)]
+    pol = LMPolicy(model, tok, reg, temperature=0.0, max_turn_tokens=14, answer_candidates=True)
+    scores = first_call_scores(pol, reg, items)
+    assert len(scores) == len(items) and all(len(r) == len(pol.actions) for r in scores)
+    assert all(abs(math.log(sum(math.exp(x) for x in r))) < 1e-4 for r in scores)
+    for item, row in zip(items, scores):
+        turn = await pol.act(build_messages(reg, item, compact=True), EpisodeView(f"e-{item.id}", 0, 0))
+        action = parse_action(turn.text, reg)
+        assert isinstance(action, Call)
+        called = f"{action.expert}@@{action.skill}" + (f"/{action.solver}" if action.solver else "")
+        assert called == pol.actions[max(range(len(row)), key=row.__getitem__)]
