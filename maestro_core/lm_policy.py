@@ -102,7 +102,7 @@ class LMPolicy:
         if unknown:
             raise ValueError(f"actions {unknown} are not in registry '{registry.name}'.")
         # the registry's price estimate per call: what a price tilt (set now or later) lowers logits by
-        prices = {a: registry.experts[a.split("@@", 1)[0]].call_cost_estimate() for a in self.actions}
+        prices = {a: registry.call_price(a) for a in self.actions}
         self._constraint_kw = dict(max_tokens=max_turn_tokens, allow_think=allow_think,
                                    forward_question=forward_question, free_input=free_input, prices=prices)
         self.constraint = ActionConstraint(tokenizer, self.actions, **self._constraint_kw) if constrained else None

@@ -204,13 +204,17 @@ class Registry:
                         out.append(f"{e}@@{s}/{sv}")
         return ActionGrammar(tuple(sorted(out)))
 
+    def call_price(self, action: str) -> float:
+        """The price estimate of one call of `action` (EXPERT@@SKILL[/SOLVER]): its expert's
+        Expert.call_cost_estimate(), what budgets, the price tilt and the price prior use."""
+        return self.experts[action.split("@@", 1)[0]].call_cost_estimate()
+
     def affordable(self, actions: Sequence[str], budget_left: float | None) -> tuple[str, ...]:
-        """The actions whose expert's call cost estimate (Expert.call_cost_estimate) fits the
-        budget left; all of them when there is no budget."""
+        """The actions whose call price (call_price) fits the budget left; all of them when
+        there is no budget."""
         if budget_left is None:
             return tuple(actions)
-        return tuple(a for a in actions
-                     if self.experts[a.split("@@", 1)[0]].call_cost_estimate() <= budget_left + 1e-12)
+        return tuple(a for a in actions if self.call_price(a) <= budget_left + 1e-12)
 
     # -- rendering ------------------------------------------------------------------------
     def catalogue(self, compact: bool = False) -> str:

@@ -254,8 +254,7 @@ def action_prior(registry: Registry, actions: Sequence[str], beta: float, cost_s
     the prices alone (Expert.call_cost_estimate), no outcome or label."""
     import math
 
-    w = [math.exp(-beta * min(registry.experts[a.split("@@", 1)[0]].call_cost_estimate() / cost_scale, 2.0))
-         for a in actions]
+    w = [math.exp(-beta * min(registry.call_price(a) / cost_scale, 2.0)) for a in actions]
     z = sum(w)
     return [x / z for x in w]
 
