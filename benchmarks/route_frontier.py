@@ -6,6 +6,11 @@ table that `maestro eval --baselines` stored; runs no expert.
 
     .venv/bin/python benchmarks/route_frontier.py --home HOME --metrics docs/results/policy/metrics.json \
         --out docs/results/frontier
+
+With `--cascades 0.3 0.5 0.7 0.9` the routes also include two-call cascades (call a pair, and
+a dearer one when the first reports a confidence under the threshold; frontier.cascade_table),
+which a step-level policy can take and a per-query router cannot; the outputs are then named
+frontier-cascades.json / .png.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ def main() -> None:
     p.add_argument("--pairs-under", type=float, default=None,
                    help="keep only the pairs whose every call cost at most this (USD): the routing a per-task budget "
                         "of that size allows")
+    p.add_argument("--cascades", nargs="+", type=float, default=None, metavar="CONFIDENCE",
+                   help="also route by two-call cascades that escalate below these confidences (e.g. 0.3 0.5 0.7 0.9)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
-    from maestro_core.frontier import load_pair_table, question_template, template_frontier
+    from maestro_core.frontier import cascade_table, load_pair_table, question_template, template_frontier
     from maestro_core.plots import cost_knob_plot
     from maestro_core.store import Store
 
@@ -50,11 +57,15 @@ def main() -> None:
         table = {p: t for p, t in table.items() if max(x.total_cost for x in t) <= args.pairs_under}
         print(f"pairs whose calls cost at most ${args.pairs_under:g}: {sorted(table)}")
     first = next(iter(table.values()))
+    routes = dict(table)
+    if args.cascades:
+        routes.update(cascade_table(table, args.cascades))
+        print(f"{len(routes) - len(table)} two-call cascades at confidences {args.cascades}")
     templates = [question_template(t.benchmark, _QUESTION.search(t.prompt_text).group(1)) for t in first]
     systems = {n: metrics["systems"][n] for n in SYSTEMS if n in metrics["systems"]}
     caps = args.caps or sorted({0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02, 0.025, 0.03,
                                 *(round(m["cost_per_task"], 6) for m in systems.values())})
-    points = template_frontier(table, templates, caps)
+    points = template_frontier(routes, templates, caps)
     print(f"{len(first)} items, {len(set(templates))} question templates, {len(table)} pairs (run {run})")
     print(f"{'cap $/task':>11} {'accuracy':>9} {'cost/task $':>12}")
     for q in points:
@@ -68,14 +79,20 @@ def main() -> None:
               f"{f['accuracy'] if f and f['accuracy'] is not None else float('nan'):.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     shown = [dict(q, label="") for q in points if q["accuracy"] is not None]
-    cost_knob_plot(shown, systems, args.out / "frontier.png", curve_label="best routing by question template",
+    stem, more = "frontier", None
+    if args.cascades:  # beside the single-pair frontier
+        stem = "frontier-cascades"
+        more = {"one pair per template": [q for q in template_frontier(table, templates, caps)
+                                          if q["accuracy"] is not None]}
+    cost_knob_plot(shown, systems, args.out / f"{stem}.png", more_curves=more,
+                   curve_label="best routing by question template" + (" with two-call cascades" if more else ""),
                    title=f"Routing by question template (fitted on the {metrics.get('split')} items) vs the systems")
-    (args.out / "frontier.json").write_text(json.dumps(
+    (args.out / f"{stem}.json").write_text(json.dumps(
         {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "pairs": sorted(table),
-         "pairs_under": args.pairs_under, "templates": sorted(set(templates)),
+         "pairs_under": args.pairs_under, "cascades": args.cascades, "templates": sorted(set(templates)),
          "points": points, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
          "seconds": round(time.perf_counter() - started, 1)}, indent=2))
-    print(f"wrote {args.out / 'frontier.json'} and frontier.png ({time.perf_counter() - started:.1f} s)")
+    print(f"wrote {args.out / stem}.json and {stem}.png ({time.perf_counter() - started:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ templates with costs rounded to `unit`.
     templates = [question_template(it.benchmark, it.question) for it in items]
     points = template_frontier(table, templates, caps=[0.005, 0.01, 0.02])
 
+`cascade_table` adds the two-call routes a step-level policy can take and a per-query router
+cannot: call a cheap pair, and call a dearer one only when the first reports a low
+confidence (the confidence every expert's observation shows); the frontier over single pairs
+and cascades together bounds any policy that routes by template and escalates on confidence.
+
 `price_bias_bound` asks the same of a global request-time price: the best accuracy that one
 bias per pair, added to a policy's first-call scores, reaches under a cost cap (also fitted on
 the scored items, so an upper bound for any per-pair price such as the price tilt).
@@ -18,6 +23,7 @@ the scored items, so an upper bound for any per-pair price such as the price til
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from maestro_core.errors import ConfigError
@@ -58,6 +64,37 @@ def question_template(benchmark: str, question: str, *, words: int = 6) -> str:
     return f"{benchmark}: {' '.join(kept[:words])}"
 
 
+@dataclass(frozen=True)
+class RouteResult:
+    """One route's result on one item, as a pair table's episode gives it (outcome, total_cost)."""
+
+    outcome: float
+    total_cost: float
+
+
+def cascade_table(table: Mapping[str, Sequence[Trajectory]],
+                  thresholds: Sequence[float] = (0.3, 0.5, 0.7, 0.9)) -> dict[str, list[RouteResult]]:
+    """Two-call routes from a pair table: `A>B@t` calls pair A, answers from it when A's first
+    step reports a confidence of at least t, and otherwise also calls B and answers from B (the
+    cost of both). Only B dearer than A on average (escalation); a step without a confidence
+    counts as 0 (always escalates). Item order is the table's."""
+    if not thresholds or any(not 0.0 < t <= 1.0 for t in thresholds):
+        raise ConfigError(f"thresholds {list(thresholds)} must be in (0, 1].", field="thresholds",
+                          fix="use confidences such as 0.3 0.5 0.7 0.9.")
+    out: dict[str, list[RouteResult]] = {}
+    for a, first in sorted(table.items()):
+        conf = [next((s.confidence for s in t.steps if s.expert), None) or 0.0 for t in first]
+        for b, second in sorted(table.items()):
+            if b == a or len(second) != len(first) or \
+                    sum(y.total_cost for y in second) <= sum(x.total_cost for x in first):
+                continue
+            for th in thresholds:
+                out[f"{a}>{b}@{th:g}"] = [RouteResult(x.outcome, x.total_cost) if c >= th
+                                           else RouteResult(y.outcome, x.total_cost + y.total_cost)
+                                           for x, y, c in zip(first, second, conf)]
+    return out
+
+
 def template_frontier(table: Mapping[str, Sequence[Trajectory]], templates: Sequence[str],
                       caps: Sequence[float], *, unit: float = 0.0001) -> list[dict]:
     """For each cap (USD per task): the template -> pair choice with the most correct answers
@@ -73,9 +110,11 @@ def template_frontier(table: Mapping[str, Sequence[Trajectory]], templates: Sequ
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(templates):
         groups.setdefault(t, []).append(i)
-    # per template and pair: (correct answers, total cost in units)
-    options = {g: [(p, sum(table[p][i].outcome for i in idx), round(sum(table[p][i].total_cost for i in idx) / unit))
-                   for p in sorted(table)] for g, idx in groups.items()}
+    # per template and pair: (correct answers, total cost in units), without the dominated ones
+    # (another route as right at no higher cost), which no optimum needs
+    options = {g: _undominated([(p, sum(table[p][i].outcome for i in idx),
+                                 round(sum(table[p][i].total_cost for i in idx) / unit)) for p in sorted(table)])
+               for g, idx in groups.items()}
     # one pass up to the largest cap: the best route set for each exact total cost; a cap then
     # takes the best state at or under it (costs are >= 0, so a smaller cap's states are a subset)
     limit = int(max(caps, default=0.0) * n / unit + 1e-9)
@@ -98,6 +137,16 @@ def template_frontier(table: Mapping[str, Sequence[Trajectory]], templates: Sequ
         spent, (correct, routes) = max(within, key=lambda kv: (kv[1][0], -kv[0]))
         out.append({"cap": cap, "accuracy": correct / n, "cost_per_task": spent * unit / n, "routes": dict(routes)})
     return out
+
+
+def _undominated(options: list[tuple[str, float, int]]) -> list[tuple[str, float, int]]:
+    """The options (name, correct, cost) that no other beats: cheapest first, each more
+    correct than every cheaper one (on a tie in both, the first name)."""
+    kept: list[tuple[str, float, int]] = []
+    for o in sorted(options, key=lambda o: (o[2], -o[1], o[0])):
+        if not kept or o[1] > kept[-1][1]:
+            kept.append(o)
+    return kept
 
 
 def price_bias_bound(scores: Sequence[Sequence[float]], pairs: Sequence[str],

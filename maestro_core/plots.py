@@ -416,10 +416,12 @@ def training_curve_plot(curve: Sequence[Mapping], path: str | Path, *, title: st
 
 
 def cost_knob_plot(points: Sequence[Mapping], baselines: Mapping[str, Mapping], path: str | Path, *,
-                   title: str = "", curve_label: str = "policy (one checkpoint)") -> Path:
+                   title: str = "", curve_label: str = "policy (one checkpoint)",
+                   more_curves: Mapping[str, Sequence[Mapping]] | None = None) -> Path:
     """The request-time cost knob: the policy's accuracy against cost per task at each setting
     (`points`: dicts with label, accuracy, cost_per_task), joined in order, beside the
-    baselines' points (name -> metrics with accuracy and cost_per_task); log-x."""
+    baselines' points (name -> metrics with accuracy and cost_per_task); log-x. `more_curves`:
+    further curves (label -> points, unannotated), drawn dashed."""
     fig = _figure(9, 6)
     ax = fig.add_subplot()
     fig.suptitle(title or "Accuracy vs cost per task at each request-time setting", fontsize=13)
@@ -431,6 +433,9 @@ def cost_knob_plot(points: Sequence[Mapping], baselines: Mapping[str, Mapping], 
     ax.plot(xs, ys, "-o", color="#1f77b4", lw=2, ms=8, label=curve_label, zorder=3)
     for x, y, p in zip(xs, ys, points):
         ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(8, -4), fontsize=10)
+    for k, (label, curve) in enumerate((more_curves or {}).items()):
+        ax.plot([max(float(p["cost_per_task"]), 1e-5) for p in curve], [float(p["accuracy"]) for p in curve], "--",
+                marker=".", color=("#ff7f0e", "#2ca02c", "#9467bd")[k % 3], lw=1.5, label=label, zorder=2)
     for name, m in baselines.items():
         x, y = max(float(m.get("cost_per_task", 0.0)), 1e-5), float(m.get("accuracy", 0.0))
         ax.plot([x], [y], "s", color="#7f7f7f", ms=7, zorder=2)

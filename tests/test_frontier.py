@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from maestro_core.errors import ConfigError
-from maestro_core.frontier import price_bias_bound, question_template, template_frontier
+from maestro_core.frontier import cascade_table, price_bias_bound, question_template, template_frontier
 
 
 def test_templates_keep_the_wording_and_drop_names_and_numbers():
@@ -77,3 +77,23 @@ def test_the_price_bias_bound_moves_items_by_their_margins_and_keeps_the_cap():
     assert bound["cost_per_task"] <= 0.0105 and bound["accuracy"] == 0.5  # the wrong three went cheap
     with pytest.raises(ConfigError, match="one episode per scored item"):
         price_bias_bound(scores[:2], pairs, table, caps=[0.01])
+
+
+def test_cascades_escalate_below_the_confidence_and_beat_one_pair_per_template():
+    step = lambda c: SimpleNamespace(expert="e", confidence=c)  # noqa: E731
+    cheap = [SimpleNamespace(outcome=o, total_cost=0.01, steps=(step(c),))
+             for o, c in [(1.0, 0.9), (0.0, 0.2), (1.0, 0.9), (0.0, None)]]
+    dear = [SimpleNamespace(outcome=1.0, total_cost=0.03, steps=(step(0.99),)) for _ in range(4)]
+    table = {"cheap": cheap, "dear": dear}
+    routes = cascade_table(table, thresholds=(0.5, 0.95))
+    assert sorted(routes) == ["cheap>dear@0.5", "cheap>dear@0.95"]  # only towards the dearer pair
+    assert [r.outcome for r in routes["cheap>dear@0.5"]] == [1.0, 1.0, 1.0, 1.0]
+    assert [r.total_cost for r in routes["cheap>dear@0.5"]] == [0.01, 0.04, 0.01, 0.04]  # no confidence: escalate
+    assert [r.total_cost for r in routes["cheap>dear@0.95"]] == [0.04] * 4
+    templates = ["t"] * 4
+    alone = template_frontier(table, templates, [0.025])[0]
+    both = template_frontier({**table, **routes}, templates, [0.025])[0]
+    assert (alone["accuracy"], alone["routes"]) == (0.5, {"t": "cheap"})
+    assert (both["accuracy"], both["cost_per_task"], both["routes"]) == (1.0, 0.025, {"t": "cheap>dear@0.5"})
+    with pytest.raises(ConfigError, match="thresholds"):
+        cascade_table(table, thresholds=(0.0,))

@@ -101,7 +101,8 @@ def test_cost_knob_plot_draws_the_settings_and_baselines(tmp_path):
               {"label": "budget $0.02", "accuracy": 0.65, "cost_per_task": 0.0044},
               {"label": "budget $0.005", "accuracy": 0.40, "cost_per_task": 0.0}]  # a $0 point stays drawable
     base = {"oracle": {"accuracy": 0.93, "cost_per_task": 0.01}, "router:mlp": {"accuracy": 0.8, "cost_per_task": 0.009}}
-    for name, pts in (("knob.png", points), ("empty.png", [])):
-        out = cost_knob_plot(pts, base, tmp_path / name)
+    more = {"frontier": [{"accuracy": 0.5, "cost_per_task": 0.001}, {"accuracy": 0.9, "cost_per_task": 0.02}]}
+    for name, pts in (("knob.png", points), ("empty.png", []), ("two.png", points)):
+        out = cost_knob_plot(pts, base, tmp_path / name, more_curves=more if name == "two.png" else None)
         with Image.open(out) as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 300
