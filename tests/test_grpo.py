@@ -350,6 +350,54 @@ def test_toy_routing_learns_through_rollout_func(tok, tmp_path):
     assert os.path.isdir(tmp_path)
 
 
+class PricedToy(Toy):
+    """The toy with a price: action 0 is cheap and half right (outcome 0.5, $0), action 1 dear
+    and right ($0.04); the prompt shows the group's cost weight, and the reward is the outcome
+    plus rewards.cost_reward at scale $0.05. At weight 0 the dear action is best (1.0 vs 0.5),
+    at weight 1 the cheap one (0.5 vs 0.2): the policy has to read the weight."""
+
+    def prompt_ids(self, item: int) -> list[int]:
+        msgs = [{"role": "user", "content": f"route item 0 weight {item}"}]
+        return list(self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
+
+    def episode(self, iteration: int, item: int, sample: int) -> Trajectory:
+        from maestro_core.rewards import cost_reward, total_reward
+
+        t = super().episode(iteration, item, sample)
+        dear = t.steps[0].completion_ids[0] == self.actions[1]
+        outcome, cost = (1.0, 0.04) if dear else (0.5, 0.0)
+        term = cost_reward(cost, cost_lambda=float(item), cost_scale=0.05)
+        return dataclasses.replace(t, outcome=outcome, cost_term=term, cost_lambda=float(item), total_cost=cost,
+                                   format_score=0.0, reward=total_reward(outcome, 0.0, term))
+
+
+def test_toy_policy_learns_to_read_the_cost_weight_in_its_prompt(tok, tmp_path):
+    """The mechanism of `train.cost_lambdas` (a weight per group, shown in the prompt, priced in
+    the reward) on the toy: one policy learns the dear action at weight 0 and the cheap one at
+    weight 1. (On Maestro-Mini the ~5M-parameter CPU policy does not: docs/POLICY.md.)"""
+    model = make_model(tok)
+    toy = PricedToy(tok, model)
+    G = 8
+    settings = _cpu(num_generations=G, per_device_train_batch_size=16, learning_rate=5e-3)
+    weights = [0, 1]
+
+    def dear_share(w: int) -> float:
+        return sum(toy.episode(999, w, s).steps[0].completion_ids[0] == toy.actions[1] for s in range(32)) / 32
+
+    t_start = time.perf_counter()
+    for it in range(60):
+        trajs = toy.collect(it, weights, G)
+        grpo_update(model, tok, trajs, settings, str(tmp_path))
+        if it >= 5 and it % 5 == 0 and dear_share(0) > 0.9 and dear_share(1) < 0.1:
+            break
+    elapsed = time.perf_counter() - t_start
+    print(f"steps={it + 1} dear share at weight 0: {dear_share(0):.2f}, at weight 1: {dear_share(1):.2f}, "
+          f"{elapsed:.1f} s")
+    assert dear_share(0) > 0.9 and dear_share(1) < 0.1
+    assert elapsed < 60
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="bf16 mixed precision and a CUDA update need a GPU (runs in infra/gpu-check.sh)")
 def test_the_gpu_configs_grpo_settings_update_on_cuda(tok, tmp_path):
