@@ -77,6 +77,10 @@ class TrainConfig:
                 "() or (0,): off, the CPU default (docs/POLICY.md: the ~1M-parameter policy did not learn to read "
                 "the weight; use the request-time budget instead). With cost_scale 0.05 the best route of a "
                 "Maestro-Mini benchmark changes between 0 and 2."})
+    hidden_cost_lambda: float = field(default=0.0, metadata={
+        "help": "A fixed cost weight in every episode's reward that the prompt does not show (RewardConfig."
+                "cost_lambda), unlike cost_lambdas: to continue a checkpoint trained without a weight at a price, "
+                "since a new 'Cost weight' line would itself move its routes (docs/POLICY.md). 0: off."})
     cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
     cost_on_success: bool = field(default=False, metadata={
         "help": "Charge the cost term only on right answers (RewardConfig.cost_on_success): with cost_lambdas, "
@@ -145,6 +149,13 @@ class TrainConfig:
         if not (self.cost_prior >= 0):
             raise ConfigError(f"cost_prior must be >= 0, got {self.cost_prior}.", field="cost_prior",
                               fix="use 0 (off) or a positive strength such as 2.")
+        if not (0.0 <= self.hidden_cost_lambda < float("inf")):
+            raise ConfigError(f"hidden_cost_lambda {self.hidden_cost_lambda} must be finite and >= 0.",
+                              field="hidden_cost_lambda", fix="use e.g. 1.0, or 0 to switch it off.")
+        if self.hidden_cost_lambda and any(lam > 0 for lam in self.cost_lambdas):
+            raise ConfigError("both hidden_cost_lambda and cost_lambdas set a cost weight.", field="hidden_cost_lambda",
+                              fix="use cost_lambdas for a weight shown in the prompt, or hidden_cost_lambda for one "
+                                  "that is not, not both.")
         if any(not (lam >= 0) for lam in self.cost_lambdas):
             raise ConfigError(f"cost_lambdas {self.cost_lambdas} has a negative value.", field="cost_lambdas",
                               fix="use weights >= 0, e.g. [0, 1, 2], or [] to switch it off.")
@@ -357,7 +368,8 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
 
 def episode_config(config: TrainConfig) -> EpisodeConfig:
     return EpisodeConfig(max_turns=config.max_turns, call_timeout_s=1800, compact_prompt=True,
-                         reward=RewardConfig(cost_scale=config.cost_scale, cost_on_success=config.cost_on_success))
+                         reward=RewardConfig(cost_lambda=config.hidden_cost_lambda, cost_scale=config.cost_scale,
+                                             cost_on_success=config.cost_on_success))
 
 
 def update(model, tokenizer, trajectories: Sequence[Trajectory], config: TrainConfig, out_dir: Path, *,
@@ -543,7 +555,8 @@ class TrainingRun:
         g = self.config.grpo.num_generations
         ep = episode_config(self.config)
         episode = {"max_turns": ep.max_turns, "call_timeout_s": ep.call_timeout_s, "compact_prompt": True,
-                   "reward": {"cost_scale": self.config.cost_scale, "cost_on_success": self.config.cost_on_success}}
+                   "reward": {"cost_lambda": ep.reward.cost_lambda, "cost_scale": ep.reward.cost_scale,
+                              "cost_on_success": ep.reward.cost_on_success}}
         spec = {"kind": "learned", "checkpoint": str(self.checkpoint_path(it)), "run_id": self.run_id,
                 "temperature": self.config.temperature, "seed": self.config.seed * 100_003 + it * 1009}
         if self.config.explore:

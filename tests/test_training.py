@@ -195,3 +195,28 @@ def test_a_kl_term_is_taken_against_ckpt_0_the_uniform_start(registry_dict, tmp_
         again = TrainingRun(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
                             out_dir=tmp_path / "run", run_id="kl", log=lambda s: None)
         assert again.start == 1 and again.model.config._name_or_path == str(tmp_path / "run" / "ckpt-0")
+
+
+def test_a_hidden_cost_weight_prices_the_reward_without_a_prompt_line(registry_dict, tmp_path):
+    import pytest
+
+    from maestro_core.errors import ConfigError
+
+    reg = parse_registry(registry_dict)
+    items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(4)]
+    cfg = TrainConfig(iterations=1, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
+                      eval_every=1, val_items=2, hidden_cost_lambda=2.0, cost_scale=0.01, budget_share=0.0,
+                      grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
+    with Store(tmp_path / "home") as store:
+        train_policy(reg, items, items[:2], store=store, experts=build_experts(reg), config=cfg,
+                     out_dir=tmp_path / "run", run_id="h1", log=lambda s: None)
+        trajs = store.trajectories("h1", 0)
+    assert trajs and all("Cost weight" not in t.prompt_text and t.cost_lambda == 2.0 for t in trajs)
+    assert any(t.total_cost > 0 for t in trajs)
+    for t in trajs:
+        assert t.cost_term == pytest.approx(-2.0 * t.total_cost / 0.01)
+        assert t.reward == pytest.approx(t.outcome + t.format_score + t.cost_term)
+    with pytest.raises(ConfigError, match="not both"):
+        TrainConfig(hidden_cost_lambda=1.0, cost_lambdas=(0.5,))
+    with pytest.raises(ConfigError, match="hidden_cost_lambda"):
+        TrainConfig(hidden_cost_lambda=-1.0)
