@@ -95,11 +95,11 @@ def cascade_table(table: Mapping[str, Sequence[Trajectory]],
     return out
 
 
-def template_frontier(table: Mapping[str, Sequence[Trajectory]], templates: Sequence[str],
+def template_frontier(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
                       caps: Sequence[float], *, unit: float = 0.0001) -> list[dict]:
-    """For each cap (USD per task): the template -> pair choice with the most correct answers
-    whose mean cost is at most the cap. Returns dicts with cap, accuracy, cost_per_task and
-    routes (template -> pair), in the order of `caps`."""
+    """For each cap (USD per task): the template -> route choice (a pair, or a `cascade_table`
+    route) with the most correct answers whose mean cost is at most the cap. Returns dicts with
+    cap, accuracy, cost_per_task and routes (template -> route), in the order of `caps`."""
     if not table:
         raise ConfigError("the pair table is empty.", fix="evaluate with --baselines first.")
     n = len(templates)
