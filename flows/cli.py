@@ -9,7 +9,7 @@
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
     maestro build-dataset --heldout DIR  write the held-out generalisation set (JSONL for --data)
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
-    maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
+    maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X [--unseen-cost-weight]] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
     maestro collect --policy SPEC [--data FILE] [--runner local|dask] ...
                                        collect rollouts in chunks (one shard each), load them into the store
     maestro train [--config C] [--iterations N] [--run-id R | --fresh] [--baselines] [--direct]
@@ -172,7 +172,8 @@ def _eval(args) -> int:
                    split=args.split, data=args.data, checkpoint=args.checkpoint, baselines=args.baselines,
                    config=build(EvalConfig, ev, source=cfg.source, section="eval"),
                    cost_lambda=getattr(args, "cost_lambda", None), budget=getattr(args, "budget", None),
-                   price_tilt=getattr(args, "price_tilt", 0.0), target_cost=getattr(args, "target_cost", None))
+                   price_tilt=getattr(args, "price_tilt", 0.0), target_cost=getattr(args, "target_cost", None),
+                   unseen_cost_weight=getattr(args, "unseen_cost_weight", False))
     print(f"wrote {args.out}/metrics.json, report.md, results.csv")
     return 0
 
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "adds the systems policy and policy_untrained")
     e.add_argument("--cost-lambda", type=float, default=None,
                    help="cost weight shown to the policy at request time (higher: cheaper routes)")
+    e.add_argument("--unseen-cost-weight", action="store_true",
+                   help="show --cost-lambda even to a checkpoint trained without a cost weight in its prompts (refused "
+                        "otherwise: a diagnostic of how the unseen line moves its routes)")
     e.add_argument("--budget", type=float, default=None,
                    help="cost budget per task (USD) at request time: the policy is offered only the calls it can pay for")
     e.add_argument("--price-tilt", type=float, default=0.0, help=PRICE_TILT_HELP)

@@ -42,7 +42,7 @@ def ask(question: str, *, images: Sequence[str | Path] = (), checkpoint: str = "
     from maestro_core.experts import build_experts
     from maestro_core.registry import DEFAULT_REGISTRY, load_registry
     from maestro_core.store import Store
-    from maestro_core.training import default_cost_lambda
+    from maestro_core.training import request_cost_lambda
 
     if not question.strip():
         raise ConfigError("the question is empty.", field="question", fix="pass the question as text.")
@@ -66,8 +66,7 @@ def ask(question: str, *, images: Sequence[str | Path] = (), checkpoint: str = "
         experts = build_experts(registry)
         cache = ExpertCache(store)
         meta = read_meta(path)
-        if cost_lambda is None:  # trained with a cost weight in every prompt: its grid's smallest, shown
-            cost_lambda = default_cost_lambda(meta.get("config", {}))
+        cost_lambda = request_cost_lambda(meta.get("config", {}), cost_lambda, checkpoint=str(path))
         runner = EpisodeRunner(registry, experts, policy, cache=cache,
                                config=checkpoint_episode_config(meta, budget=budget))
         run_id = "ask"

@@ -316,22 +316,24 @@ def checkpoint_episode_config(meta: Mapping, *, budget: float | None = None) -> 
 async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], path, *,
                       cache: ExpertCache, run_id: str, iteration: int, cost_lambda: float | None = None,
                       budget: float | None = None, price_tilt: float = 0.0, policy=None,
+                      unseen_cost_weight: bool = False,
                       progress: Callable[[str], None] | None = None) -> tuple[list[Trajectory], list[str]]:
     """The greedy policy of the checkpoint at `path` on every item (one episode each), with the
     cost weight `cost_lambda` shown in its prompt when given, a per-episode cost `budget`
     (the user message states it; the grammar offers only the calls it can pay for) and a
     decode-time `price_tilt` (LMPolicy.price_tilt): the request-time cost knobs. `policy`: that
-    checkpoint's greedy policy already loaded (its own price_tilt then applies)."""
+    checkpoint's greedy policy already loaded (its own price_tilt then applies).
+    `unseen_cost_weight`: show `cost_lambda` even to a policy trained without a weight."""
     from maestro_core.checkpoints import load_checkpoint_policy, read_meta
 
     t0 = time.perf_counter()
     if policy is None:
         policy = load_checkpoint_policy(path, registry, temperature=0.0, price_tilt=price_tilt)
     meta = read_meta(path)
-    from maestro_core.training import default_cost_lambda
+    from maestro_core.training import request_cost_lambda
 
-    if cost_lambda is None:  # trained with a cost weight in every prompt: its grid's smallest, shown
-        cost_lambda = default_cost_lambda(meta.get("config", {}))
+    cost_lambda = request_cost_lambda(meta.get("config", {}), cost_lambda, checkpoint=str(path),
+                                      unseen_ok=unseen_cost_weight)
     runner = EpisodeRunner(registry, experts, policy, cache=cache, config=checkpoint_episode_config(meta, budget=budget))
     trajs = await runner.run(list(items), run_id=run_id, iteration=iteration, cost_lambda=cost_lambda)
     if progress:
@@ -398,7 +400,8 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                    split: str = "test", data: str | Path | None = None, checkpoint: str = "none",
                    baselines: bool = True, config: EvalConfig | None = None, cost_lambda: float | None = None,
                    budget: float | None = None, price_tilt: float = 0.0, target_cost: float | None = None,
-                   untrained: bool = True, log: Callable[[str], None] = print) -> dict:
+                   untrained: bool = True, unseen_cost_weight: bool = False,
+                   log: Callable[[str], None] = print) -> dict:
     """`maestro eval`: evaluate on the suite's split (built when missing) or a JSONL file.
 
     `checkpoint` (none, latest, best, RUN/ckpt-N or a folder) adds the system `policy` (greedy)
@@ -407,7 +410,8 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
     each task's cost and `price_tilt` lowers the logits of dearer calls while decoding (the
     three request-time cost knobs; the untrained policy gets the same). `target_cost` (USD per
     task) sets `price_tilt` to the smallest tilt whose validation cost meets it
-    (calibrate_price_tilt on the suite's val split), before the evaluation."""
+    (calibrate_price_tilt on the suite's val split), before the evaluation. A `cost_lambda` for
+    a checkpoint trained without a weight in its prompts is refused unless `unseen_cost_weight`."""
 
     from maestro_core.dataset import load_jsonl
     from maestro_core.errors import ConfigError
@@ -455,6 +459,12 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                 raise ConfigError("--target-cost calibrates a policy's price tilt; no checkpoint was given.",
                                   field="--checkpoint", fix="pass --checkpoint best|latest|RUN/ckpt-N|DIR.")
             val_items = [it for it in (suite or ensure_suite(store, log=log)) if it.split == "val"]
+        if ck_path is not None and cost_lambda is not None:  # refused before any expert runs
+            from maestro_core.checkpoints import read_meta
+            from maestro_core.training import request_cost_lambda
+
+            request_cost_lambda(read_meta(ck_path).get("config", {}), cost_lambda, checkpoint=str(ck_path),
+                                unseen_ok=unseen_cost_weight)
         rng = random.Random(config.seed)
         by_bench: dict[str, list[Item]] = {}
         for it in suite:
@@ -499,7 +509,8 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                 # policy episodes take iterations after the pairs': episode ids stay distinct
                 pol = {name: await policy_runs(registry, experts, items, p, cache=cache, run_id=run_id,
                                                iteration=len(pairs) + k, cost_lambda=cost_lambda, budget=budget,
-                                               price_tilt=price_tilt, progress=log)
+                                               price_tilt=price_tilt, unseen_cost_weight=unseen_cost_weight,
+                                               progress=log)
                        for k, (name, p) in enumerate(policies.items())}
                 return t, tt, pol
             finally:
@@ -519,6 +530,7 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
         metrics = write_outputs(Path(out), systems=systems, items=items, split=split, registry=registry,
                                 checkpoint=str(ck_path or checkpoint),
                                 extra={"run_id": run_id, "cost_lambda": cost_lambda, "budget": budget,
+                                       **({"unseen_cost_weight": True} if unseen_cost_weight else {}),
                                        "price_tilt": price_tilt, "target_cost": target_cost,
                                        **({"calibration": calibration} if calibration else {})})
         for name, m in metrics["systems"].items():

@@ -206,6 +206,22 @@ def default_cost_lambda(config: dict) -> float | None:
     return min(lams) if lams else 0.0
 
 
+def request_cost_lambda(config: dict, cost_lambda: float | None, *, checkpoint: str,
+                        unseen_ok: bool = False) -> float | None:
+    """The cost weight a checkpoint's prompt shows at request time: `cost_lambda` when one is
+    asked for, else `default_cost_lambda`. A weight is refused for a policy trained without one
+    in its prompts (the line alone moves its routes: x1 went from 0.875 at $0.0157 to 0.765 at
+    $0.0225 on test, docs/POLICY.md) unless `unseen_ok` (a diagnostic of just that)."""
+    if cost_lambda is None:
+        return default_cost_lambda(config)
+    if not trained_with_cost(config) and not unseen_ok:
+        raise ConfigError(f"checkpoint {checkpoint} was trained without a cost weight in its prompts, so a "
+                          "'Cost weight' line would be one it never saw, and would move its routes unpredictably.",
+                          field="--cost-lambda", fix="leave --cost-lambda out; make it spend less with --target-cost, "
+                          "--price-tilt or --budget, or use a checkpoint trained with train.cost_lambdas.")
+    return cost_lambda
+
+
 def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
     """LMPolicy decoding settings of a training config (a TrainConfig or its stored dict)."""
     cfg = asdict(config) if isinstance(config, TrainConfig) else dict(config)

@@ -25,17 +25,17 @@ REG = dict(BASE_REGISTRY, experts=BASE_REGISTRY["experts"][:2], skills=BASE_REGI
 ITEMS = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(6)]
 
 
-def _cfg(iterations):
+def _cfg(iterations, **kw):
     return TrainConfig(iterations=iterations, prompts_per_iteration=2, hidden=64, layers=2, heads=2, vocab_size=512,
                        pretrain_steps=5,
                        eval_every=1, val_items=2, max_turns=2,
-                       grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
+                       grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8), **kw)
 
 
-def _train(home, iterations, run_id="r1"):
+def _train(home, iterations, run_id="r1", **kw):
     reg = parse_registry(REG)
     with Store(home) as store:
-        res = train_policy(reg, ITEMS, ITEMS[:2], store=store, experts=build_experts(reg), config=_cfg(iterations),
+        res = train_policy(reg, ITEMS, ITEMS[:2], store=store, experts=build_experts(reg), config=_cfg(iterations, **kw),
                            out_dir=home / "runs" / run_id, run_id=run_id, log=lambda s: None)
         n = store.count_episodes(run_id)
         objects = store.objects
@@ -95,7 +95,7 @@ def test_resume_after_a_crash_gives_the_same_count_and_curve(tmp_path):
 
 def test_eval_with_a_checkpoint_adds_policy_and_untrained(tmp_path):
     home = tmp_path / "home"
-    _train(home, 1)
+    _train(home, 1, cost_lambdas=(0.0, 0.5))
     (tmp_path / "reg.yaml").write_text(yaml.safe_dump(REG))
     data = tmp_path / "items.jsonl"
     data.write_text("\n".join(json.dumps({"id": it.id, "benchmark": it.benchmark, "question": it.question,
@@ -137,3 +137,48 @@ def test_fresh_with_a_run_id_deletes_its_checkpoints_shards_and_episodes_only(tm
         assert store.objects.list(f"{PREFIX}/r/") == []
         assert len(list_shards(store.objects, "other")) == 2 and store.count_episodes("other") == 8
         assert store.objects.list(f"{PREFIX}/other/")
+
+
+def test_a_cost_weight_is_refused_to_a_checkpoint_trained_without_one():
+    """The 'Cost weight' line alone moves the routes of a policy that never saw it, so a request
+    naming a weight is refused there, with the knobs to use instead; the grid's checkpoints
+    take any weight, and without one they are shown their grid's smallest."""
+    import pytest
+
+    from maestro_core.errors import ConfigError
+    from maestro_core.training import request_cost_lambda
+
+    plain, grid = {"cost_lambdas": []}, {"cost_lambdas": [0.3, 1.0]}
+    assert request_cost_lambda(plain, None, checkpoint="c") is None
+    with pytest.raises(ConfigError, match="trained without a cost weight") as e:
+        request_cost_lambda(plain, 0.5, checkpoint="r/ckpt-3")
+    assert "r/ckpt-3" in str(e.value) and "--target-cost" in e.value.fix
+    with pytest.raises(ConfigError):
+        request_cost_lambda({"hidden_cost_lambda": 1.2}, 0.0, checkpoint="c")  # priced, but never shown
+    assert request_cost_lambda(grid, None, checkpoint="c") == 0.3
+    assert request_cost_lambda(grid, 2.0, checkpoint="c") == 2.0
+
+
+def test_eval_refuses_a_cost_weight_for_such_a_checkpoint_before_any_expert_runs(tmp_path):
+    home = tmp_path / "home"
+    _train(home, 1)
+    (tmp_path / "reg.yaml").write_text(yaml.safe_dump(REG))
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(json.dumps({"id": it.id, "benchmark": it.benchmark, "question": it.question,
+                                          "answer": it.answer, "scorer": it.scorer}) for it in ITEMS) + "\n")
+    with Store(home) as store:
+        before = store.count_episodes()
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "eval", "--checkpoint", "latest",
+                          "--cost-lambda", "0.5", "--data", str(data), "--registry", str(tmp_path / "reg.yaml"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0
+    assert "trained without a cost weight" in res.stderr and "--target-cost" in res.stderr
+    with Store(home) as store:
+        assert store.count_episodes() == before  # nothing ran, nothing stored
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "--home", str(home), "eval", "--checkpoint", "latest",
+                          "--cost-lambda", "0.5", "--unseen-cost-weight", "--data", str(data), "--registry",
+                          str(tmp_path / "reg.yaml"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]  # the diagnostic override
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["cost_lambda"] == 0.5 and m["unseen_cost_weight"] is True
