@@ -59,7 +59,7 @@ class LMPolicy:
                  actions: Sequence[str] | None = None,
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
                  seed: int = 0, threaded: bool = True, share_prefix: bool = True, explore: float = 0.0,
-                 price_tilt: float = 0.0):
+                 explore_within: float | None = None, price_tilt: float = 0.0):
         if temperature < 0:
             raise ValueError("temperature must be >= 0 (0 = greedy).")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -83,6 +83,13 @@ class LMPolicy:
         """Exploration of call targets (training rollouts): a target token is drawn from
         (1 - explore) x the policy's distribution + explore x uniform over the allowed targets,
         and the recorded logprob is that mixture's. 0: the policy's own distribution."""
+        if explore_within is not None and not explore_within >= 0:
+            raise ConfigError(f"explore_within must be >= 0 (USD), got {explore_within}.", field="explore_within",
+                              fix="use e.g. 0.011 (the targets within 1.1 cents of the cheapest), or none for all.")
+        self.explore_within = explore_within
+        """With explore: the uniform share goes only to the targets whose cheapest call costs at
+        most this much (USD) more than the cheapest allowed one (registry price estimates, as the
+        price tilt reads them); None: all allowed targets."""
         if not price_tilt >= 0:
             raise ConfigError(f"price_tilt must be >= 0, got {price_tilt}.", field="--price-tilt",
                               fix="use 0 (off) or a positive weight in nats per cent, e.g. 2.5.")
@@ -250,6 +257,8 @@ class LMPolicy:
                 rows = [i for i in range(B) if active[i] and states[i] is not None and states[i].choosing_target]
                 if rows:
                     allowed = mask[rows].float()
+                    if self.explore_within is not None:
+                        allowed = self._within_price(allowed, [states[i] for i in rows])
                     mix = (1 - self.explore) * logp[rows].exp() + self.explore * allowed / allowed.sum(-1, keepdim=True)
                     logp[rows] = mix.log()
             if self.temperature > 0:
@@ -280,6 +289,21 @@ class LMPolicy:
         self.stats.turns += B
         self.stats.tokens += sum(len(t) for t in toks)
         return list(zip(toks, lps))
+
+    def _within_price(self, allowed: torch.Tensor, states: Sequence[TurnState]) -> torch.Tensor:
+        """`allowed` (rows x vocab, 0/1) without the tokens whose cheapest call costs more than
+        `explore_within` over the row's cheapest (`explore_within`); a row keeps its own mask
+        where prices do not differ or nothing would be left."""
+        for j, st in enumerate(states):
+            b = st.price_bias()
+            if b is None:
+                continue
+            keep = torch.zeros_like(allowed[j])
+            n = min(b.shape[0], keep.shape[0])
+            keep[:n] = (b[:n].to(keep.device) <= self.explore_within + 1e-12).to(keep.dtype)
+            if (allowed[j] * keep).sum() > 0:
+                allowed[j] = allowed[j] * keep
+        return allowed
 
     def _tilt(self, logits: torch.Tensor, states: Sequence[TurnState | None], active: Sequence[bool]) -> torch.Tensor:
         """The price tilt on the rows choosing a call (see `price_tilt`)."""

@@ -9,7 +9,8 @@ process (a Dask worker, a Prefect worker). Its policy is built from a `policy_sp
                                                                  demo router: first regex matching the
                                                                  question picks the pair, else default
     {"kind": "learned", "checkpoint": "/home/runs/r1/ckpt-3", "run_id": "r1", "temperature": 1.0, "seed": 7,
-     "explore": 0.2}                                              (explore: optional, LMPolicy.explore)
+     "explore": 0.2}                                              (explore: optional, LMPolicy.explore;
+                                                                   explore_within: LMPolicy.explore_within)
                                                                  the LM policy of a checkpoint folder
                                                                  (downloaded from the chunk's object
                                                                  store when the folder is missing)
@@ -118,6 +119,7 @@ def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | N
     policy = load_checkpoint_policy(path, registry, temperature=float(spec.get("temperature", 1.0)))
     policy.generator.manual_seed(int(spec.get("seed", 0)))
     policy.explore = float(spec.get("explore", 0.0))
+    policy.explore_within = spec.get("explore_within")
     return policy
 
 

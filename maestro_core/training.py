@@ -65,6 +65,10 @@ class TrainConfig:
         "help": "Share of uniform exploration over the call targets in training rollouts (LMPolicy.explore): a "
                 "target is drawn from (1 - explore) x policy + explore x uniform, so a route the policy rates "
                 "low keeps being tried; validation and evaluation are greedy. 0: off."})
+    explore_within: float | None = field(default=None, metadata={
+        "help": "With explore: the uniform share goes only to the call targets whose call costs at most this "
+                "(USD) more than the cheapest (LMPolicy.explore_within), e.g. 0.011 for the calculator, the CNN "
+                "and tesseract on Maestro-Mini; none: every target (docs/POLICY.md: tried, not the default)."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=100, metadata={"help": "Validation items scored at each evaluation (spread over the benchmarks; 100 = the whole Maestro-Mini val split)."})
     chunk_size: int = field(default=0, metadata={
@@ -139,6 +143,9 @@ class TrainConfig:
         if not 0.0 <= self.explore < 1.0:
             raise ConfigError(f"explore must be in [0, 1), got {self.explore}.", field="explore",
                               fix="use e.g. 0.2, or 0 to switch it off.")
+        if self.explore_within is not None and not self.explore_within >= 0:
+            raise ConfigError(f"explore_within must be >= 0 (USD), got {self.explore_within}.",
+                              field="explore_within", fix="use e.g. 0.011, or leave it out for every target.")
         if any(not (b > 0) for b in self.cost_budgets) or not 0.0 <= self.budget_share <= 1.0:
             raise ConfigError(f"cost_budgets {self.cost_budgets} / budget_share {self.budget_share} out of range.",
                               field="cost_budgets", fix="use budgets > 0 (USD per task) and a share in [0, 1].")
@@ -577,6 +584,8 @@ class TrainingRun:
                 "temperature": self.config.temperature, "seed": self.config.seed * 100_003 + it * 1009}
         if self.config.explore:
             spec["explore"] = self.config.explore
+            if self.config.explore_within is not None:
+                spec["explore_within"] = self.config.explore_within
         if self.served is not None:  # no API key in it: OpenAIPolicy reads the environment
             kw = self.policy.openai_kwargs(self.config, self.registry)
             spec = {"kind": "served", "base_url": self.served.base_url, "model": self.served.model, **kw,

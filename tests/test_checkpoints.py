@@ -143,9 +143,6 @@ def test_a_cost_weight_is_refused_to_a_checkpoint_trained_without_one():
     """The 'Cost weight' line alone moves the routes of a policy that never saw it, so a request
     naming a weight is refused there, with the knobs to use instead; the grid's checkpoints
     take any weight, and without one they are shown their grid's smallest."""
-    import pytest
-
-    from maestro_core.errors import ConfigError
     from maestro_core.training import request_cost_lambda
 
     plain, grid = {"cost_lambdas": []}, {"cost_lambdas": [0.3, 1.0]}
@@ -182,3 +179,18 @@ def test_eval_refuses_a_cost_weight_for_such_a_checkpoint_before_any_expert_runs
     assert res.returncode == 0, res.stderr[-2000:]  # the diagnostic override
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["cost_lambda"] == 0.5 and m["unseen_cost_weight"] is True
+
+
+def test_a_learned_chunk_policy_takes_its_exploration_from_the_spec(tmp_path):
+    """train.explore / train.explore_within reach the rollout chunks' policies through the spec."""
+    from maestro_core.rollouts import build_policy
+
+    home = tmp_path / "home"
+    _train(home, 1)
+    path = home / "runs" / "r1" / "ckpt-1"
+    reg = parse_registry(REG)
+    spec = {"kind": "learned", "checkpoint": str(path), "explore": 0.3, "explore_within": 0.011}
+    pol = build_policy(spec, reg)
+    assert (pol.explore, pol.explore_within) == (0.3, 0.011)
+    pol = build_policy({"kind": "learned", "checkpoint": str(path)}, reg)
+    assert (pol.explore, pol.explore_within) == (0.0, None)

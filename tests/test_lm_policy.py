@@ -7,6 +7,7 @@ import torch
 
 from maestro_core.dataset import Item
 from maestro_core.episode import EpisodeConfig, EpisodeRunner, build_messages
+from maestro_core.errors import ConfigError
 from maestro_core.experts import build_experts
 from maestro_core.lm_policy import LMPolicy
 from maestro_core.policy import EpisodeView, Policy
@@ -233,6 +234,36 @@ def test_explore_mixes_uniform_into_call_targets_and_records_the_mixture(reg, to
     assert len(targets) >= min(len(reg.grammar().actions), 4)
     with pytest.raises(ValueError, match="explore"):
         LMPolicy(model, tok, reg, explore=1.0)
+
+
+def test_explore_within_a_price_explores_only_the_cheap_targets(reg, tok, model):
+    """LMPolicy.explore_within (train.explore_within): the uniform share goes only to the targets
+    whose call costs at most that much over the cheapest, the recorded logprob is that mixture's,
+    and the dear targets keep only the policy's own share."""
+    prices = {a: reg.call_price(a) for a in reg.grammar().actions}
+    cheap = {a for a, p in prices.items() if p <= min(prices.values()) + 0.0005}
+    assert cheap and cheap != set(prices)  # the registry has cheap and dear targets
+    e = 0.9
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=14, temperature=0.7, seed=3, explore=e, explore_within=0.0005,
+                   forward_question=True, free_input=False)
+    ctx = list(pol.encode_prompt(build_messages(reg, ITEMS[0])))
+    out = pol.generate([ctx] * 64, [pol.constraint.start() for _ in range(64)])
+    for ids, lps in out:
+        st = pol.constraint.start()
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1:-1].float()
+        for k, t in enumerate(ids):
+            m = st.mask()
+            p = torch.softmax(logits[k].masked_fill(~m, float("-inf")) / 0.7, -1)
+            if st.choosing_target:
+                b = st.price_bias()
+                keep = m & (b <= 0.0005) if b is not None else m
+                assert b is None or keep.sum() < m.sum()  # a dear target was left out of the uniform share
+                p = (1 - e) * p + e * keep.float() / keep.sum()
+            assert abs(float(p[t].log()) - lps[k]) < 1e-4
+            st.advance(t)
+    with pytest.raises(ConfigError, match="explore_within"):
+        LMPolicy(model, tok, reg, explore=0.5, explore_within=-0.01)
 
 
 async def test_target_cost_calibrates_the_smallest_price_tilt_on_the_items_given(reg, tok, tmp_path):
