@@ -208,16 +208,13 @@ async def test_a_budget_offers_only_the_calls_it_can_pay_for(reg, tok, model):
     assert all(s.expert in (None, "calc") for s in t.steps)
 
 
-def test_explore_mixes_uniform_into_call_targets_and_records_the_mixture(reg, tok, model):
-    """LMPolicy.explore: at the target position the token is drawn from (1 - e) x policy +
-    e x uniform over the allowed targets, and the recorded logprob is that mixture's; the
-    other positions are the policy's own distribution."""
-    e = 0.5
-    pol = LMPolicy(model, tok, reg, max_turn_tokens=14, temperature=0.7, seed=3, explore=e,
-                   forward_question=True, free_input=False)
+def _check_explored_draws(pol, model, reg, explored) -> set[int]:
+    """Draw 64 first turns of ITEMS[0] at temperature 0.7 and check every recorded logprob
+    against the policy's own distribution, mixed at the target positions with
+    `pol.explore` x uniform over `explored(state, mask)`; returns the target tokens drawn."""
     ctx = list(pol.encode_prompt(build_messages(reg, ITEMS[0])))
     out = pol.generate([ctx] * 64, [pol.constraint.start() for _ in range(64)])
-    targets = set()
+    targets, e = set(), pol.explore
     for ids, lps in out:
         st = pol.constraint.start()
         with torch.no_grad():
@@ -226,10 +223,21 @@ def test_explore_mixes_uniform_into_call_targets_and_records_the_mixture(reg, to
             m = st.mask()
             p = torch.softmax(logits[k].masked_fill(~m, float("-inf")) / 0.7, -1)
             if st.choosing_target:
-                p = (1 - e) * p + e * m.float() / m.sum()
+                keep = explored(st, m)
+                p = (1 - e) * p + e * keep.float() / keep.sum()
                 targets.add(t)
             assert abs(float(p[t].log()) - lps[k]) < 1e-4
             st.advance(t)
+    return targets
+
+
+def test_explore_mixes_uniform_into_call_targets_and_records_the_mixture(reg, tok, model):
+    """LMPolicy.explore: at the target position the token is drawn from (1 - e) x policy +
+    e x uniform over the allowed targets, and the recorded logprob is that mixture's; the
+    other positions are the policy's own distribution."""
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=14, temperature=0.7, seed=3, explore=0.5,
+                   forward_question=True, free_input=False)
+    targets = _check_explored_draws(pol, model, reg, lambda st, m: m)
     # with half the mass uniform over the targets, 64 draws reach most of them
     assert len(targets) >= min(len(reg.grammar().actions), 4)
     with pytest.raises(ValueError, match="explore"):
@@ -243,25 +251,15 @@ def test_explore_within_a_price_explores_only_the_cheap_targets(reg, tok, model)
     prices = {a: reg.call_price(a) for a in reg.grammar().actions}
     cheap = {a for a, p in prices.items() if p <= min(prices.values()) + 0.0005}
     assert cheap and cheap != set(prices)  # the registry has cheap and dear targets
-    e = 0.9
-    pol = LMPolicy(model, tok, reg, max_turn_tokens=14, temperature=0.7, seed=3, explore=e, explore_within=0.0005,
+    pol = LMPolicy(model, tok, reg, max_turn_tokens=14, temperature=0.7, seed=3, explore=0.9, explore_within=0.0005,
                    forward_question=True, free_input=False)
-    ctx = list(pol.encode_prompt(build_messages(reg, ITEMS[0])))
-    out = pol.generate([ctx] * 64, [pol.constraint.start() for _ in range(64)])
-    for ids, lps in out:
-        st = pol.constraint.start()
-        with torch.no_grad():
-            logits = model(torch.tensor([ctx + ids])).logits[0, len(ctx) - 1:-1].float()
-        for k, t in enumerate(ids):
-            m = st.mask()
-            p = torch.softmax(logits[k].masked_fill(~m, float("-inf")) / 0.7, -1)
-            if st.choosing_target:
-                b = st.price_bias()
-                keep = m & (b <= 0.0005) if b is not None else m
-                assert b is None or keep.sum() < m.sum()  # a dear target was left out of the uniform share
-                p = (1 - e) * p + e * keep.float() / keep.sum()
-            assert abs(float(p[t].log()) - lps[k]) < 1e-4
-            st.advance(t)
+
+    def cheap_only(st, m):
+        b = st.price_bias()
+        keep = m & (b <= 0.0005) if b is not None else m
+        assert b is None or keep.sum() < m.sum()  # a dear target was left out of the uniform share
+        return keep
+    _check_explored_draws(pol, model, reg, cheap_only)
     with pytest.raises(ConfigError, match="explore_within"):
         LMPolicy(model, tok, reg, explore=0.5, explore_within=-0.01)
 
