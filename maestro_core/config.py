@@ -94,6 +94,10 @@ def _coerce(v: Any, hint: Any, source, section, key, default: Any = None):
                      base=default if dataclasses.is_dataclass(default) else None)
     if origin is tuple and isinstance(v, list):
         return tuple(v)
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:  # an optional value: None, or the other type's check
+        return v if v is None else _coerce(v, next(a for a in args if a is not type(None)), source, section, key,
+                                           default)
     want = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(hint)
     if want and (not isinstance(v, want) or (hint is not bool and isinstance(v, bool))):
         raise ConfigError(f"must be {hint.__name__}, got {v!r}.", source=source, entry=section, field=key,

@@ -483,7 +483,8 @@ def test_config_file_errors_say_the_fix(tmp_path, content, match):
 
 
 @pytest.mark.parametrize("values, field", [({"max_turns": "4"}, "max_turns"), ({"max_turn": 4}, "max_turn"),
-                                           ({"max_turns": 0}, "max_turns"), ({"compact_prompt": 1}, "compact_prompt")])
+                                           ({"max_turns": 0}, "max_turns"), ({"compact_prompt": 1}, "compact_prompt"),
+                                           ({"cost_budget": "0.02"}, "cost_budget")])  # optional: None or a float
 def test_config_section_wrong_types(values, field):
     with pytest.raises(ConfigError, match="Fix:") as info:
         build(EpisodeConfig, values, source="c.yaml", section="episode")
