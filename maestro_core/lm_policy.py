@@ -292,8 +292,8 @@ class LMPolicy:
 
     def _within_price(self, allowed: torch.Tensor, states: Sequence[TurnState]) -> torch.Tensor:
         """`allowed` (rows x vocab, 0/1) without the tokens whose cheapest call costs more than
-        `explore_within` over the row's cheapest (`explore_within`); a row keeps its own mask
-        where prices do not differ or nothing would be left."""
+        `explore_within` over the row's cheapest; a row keeps its own mask where prices do not
+        differ or nothing would be left."""
         for j, st in enumerate(states):
             b = st.price_bias()
             if b is None:

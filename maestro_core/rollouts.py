@@ -119,7 +119,8 @@ def build_policy(spec: dict[str, Any], registry: Registry, object_store: str | N
     policy = load_checkpoint_policy(path, registry, temperature=float(spec.get("temperature", 1.0)))
     policy.generator.manual_seed(int(spec.get("seed", 0)))
     policy.explore = float(spec.get("explore", 0.0))
-    policy.explore_within = spec.get("explore_within")
+    within = spec.get("explore_within")
+    policy.explore_within = None if within is None else float(within)
     return policy
 
 
