@@ -120,6 +120,26 @@ class GRPOSettings:
                                         "but TRL scores the unconstrained log-probability, so without this they "
                                         "add advantage-weighted noise that outweighs the one routing token.",
                                   trl=False)
+    negative_advantage_scale: float = _f(1.0, "Multiplies every negative advantage before the loss (1 = GRPO as "
+                                              "is; 0 = learn from the better-than-average episodes only). A "
+                                              "negative episode pushes its action down and so every other action "
+                                              "up in proportion to its probability, i.e. mostly the incumbent; "
+                                              "with exploration, whose draws are mostly poor, that push keeps a "
+                                              "saturated route in place on every prompt that shares its features.",
+                                         trl=False)
+    propensity_cap: float | None = _f(None, "Weights each episode's advantage by 1 / its sampling probability (the "
+                                           "product of the recorded probabilities of its unforced policy tokens: "
+                                           "the routing choice), capped here, taken against the weighted group "
+                                           "mean and renormalised per group. In expectation each route's logit "
+                                           "then moves by its value minus the mean over routes, whatever its "
+                                           "current probability (plain GRPO moves it by probability x (value - "
+                                           "mean), so a route that wins while rarely sampled never catches up with "
+                                           "a tied incumbent). None = plain GRPO; pair it with train.explore so "
+                                           "the probabilities stay bounded.", trl=False)
+    train_only_head: bool = _f(False, "Train only the output layer (the model's output embeddings) in RL; the "
+                                      "body keeps the features it had before RL (e.g. after the label-free "
+                                      "warm-up), so routing is a linear policy on them. False = every weight.",
+                               trl=False)
     lora_r: int | None = _f(None, "LoRA rank via PEFT; None = full fine-tuning.", trl=False)
     lora_alpha: int = _f(16, "LoRA alpha.", trl=False)
     lora_dropout: float = _f(0.0, "LoRA dropout.", trl=False)
@@ -152,6 +172,13 @@ class GRPOSettings:
             raise bad("loss_type", f"'{self.loss_type}' is not a TRL loss type.", "use 'dapo' or 'grpo'.")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise bad("scale_rewards", f"'{self.scale_rewards}' is unknown.", "use 'group', 'batch' or 'none'.")
+        if not 0.0 <= self.negative_advantage_scale <= 1.0:
+            raise bad("negative_advantage_scale", f"is {self.negative_advantage_scale}.",
+                      "use a value in [0, 1] (1 = plain GRPO).")
+        if self.propensity_cap is not None and not self.propensity_cap >= 1.0:
+            raise bad("propensity_cap", f"is {self.propensity_cap}.", "use a cap >= 1 (e.g. 20) or None (off).")
+        if self.train_only_head and self.lora_r is not None:
+            raise bad("train_only_head", "and lora_r are both set.", "use one of them.")
         if self.lora_r is not None and self.lora_r < 1:
             raise bad("lora_r", f"is {self.lora_r}.", "use a positive rank or None for full fine-tuning.")
 
@@ -539,11 +566,8 @@ class GRPOUpdater:
             raise ConfigError("the tokenizer has no pad token.", source="grpo",
                               fix="set tokenizer.pad_token (e.g. to the EOS token) before training.")
         rollout = make_rollout_func(self.bank, mask_forced=settings.mask_forced_tokens)
-        self.trainer = _trainer_class(tokenizer)(model=model, reward_funcs=[reward_from_trajectory], args=config,
-                                                 train_dataset=group_dataset(["maestro-group:0:placeholder"]),
-                                                 processing_class=tokenizer, rollout_func=rollout,
-                                                 peft_config=settings.lora_config())
-        _quiet(self.trainer)
+        self.trainer = _make_trainer(settings, tokenizer, model=model, args=config, rollout_func=rollout,
+                                     train_dataset=group_dataset(["maestro-group:0:placeholder"]))
         self.model = self.trainer.model
         self.calls = 0
 
@@ -583,19 +607,82 @@ class GRPOUpdater:
 
 
 def _trainer_class(processing_class: Any) -> type:
-    """trl.GRPOTrainer for a tokenizer; for a processor, the subclass that realigns per-token
-    modality ids (see the module docstring)."""
+    """The GRPOTrainer subclass for a tokenizer; for a processor, the one that also realigns
+    per-token modality ids (see the module docstring)."""
     from transformers import ProcessorMixin
+
+    return _vlm_trainer_class() if isinstance(processing_class, ProcessorMixin) else _base_trainer_class()
+
+
+def _make_trainer(settings: GRPOSettings, tokenizer: Any, **kw: Any) -> Any:
+    if settings.train_only_head:
+        model = kw["model"]
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ConfigError(f"{type(model).__name__} has no output embeddings to train alone.", source="grpo",
+                              field="train_only_head", fix="set train_only_head: false.")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head.weight.requires_grad_(True)
+    trainer = _trainer_class(tokenizer)(processing_class=tokenizer, reward_funcs=[reward_from_trajectory],
+                                        peft_config=settings.lora_config(), **kw)
+    trainer.negative_advantage_scale = settings.negative_advantage_scale
+    trainer.propensity_cap = settings.propensity_cap
+    _quiet(trainer)
+    return trainer
+
+
+def propensity_weighted(advantages: Any, sampling_logps: Any, tool_mask: Any, group_size: int, cap: float) -> Any:
+    """GRPOSettings.propensity_cap: advantages (one per episode, groups of `group_size` in a row)
+    re-weighted by w = min(1 / sampling probability, cap), the probability being exp of the
+    episode's summed sampling logprobs on policy tokens (tool_mask 1; forced tokens and padding
+    hold 0), against the w-weighted group mean, times w / the group's mean w."""
+    import torch
+
+    lp = sampling_logps if tool_mask is None else sampling_logps * tool_mask
+    lp = torch.nan_to_num(lp, nan=0.0).sum(-1)
+    w = torch.exp(-lp).clamp(max=cap).view(-1, group_size)
+    a = advantages.view(-1, group_size)
+    base = (w * a).sum(-1, keepdim=True) / w.sum(-1, keepdim=True)
+    return ((a - base) * w / w.mean(-1, keepdim=True)).view(-1).to(advantages.dtype)
+
+
+@functools.cache
+def _base_trainer_class() -> type:
     from trl import GRPOTrainer
 
-    return _vlm_trainer_class() if isinstance(processing_class, ProcessorMixin) else GRPOTrainer
+    class MaestroGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer whose advantages can be re-weighted by the episodes' sampling
+        probabilities (`propensity_cap`) and whose negative advantages can be scaled
+        (`negative_advantage_scale`), both from GRPOSettings; at the defaults (None, 1) TRL's
+        advantages are left as they are."""
+
+        negative_advantage_scale: float = 1.0
+        propensity_cap: float | None = None
+
+        def _generate_and_score_completions(self, *args: Any, **kwargs: Any) -> dict:
+            out = super()._generate_and_score_completions(*args, **kwargs)
+            if self.propensity_cap is not None:
+                if out.get("sampling_per_token_logps") is None:
+                    raise ConfigError("propensity_cap needs the episodes' sampling logprobs, and the rollout gave "
+                                      "none.", source="grpo", field="propensity_cap",
+                                      fix="return `logprobs` from the rollout_func (stored episodes do), or set "
+                                          "propensity_cap: null.")
+                out["advantages"] = propensity_weighted(out["advantages"], out["sampling_per_token_logps"],
+                                                        out.get("tool_mask"), self.num_generations,
+                                                        self.propensity_cap)
+            s = self.negative_advantage_scale
+            if s != 1.0:
+                a = out["advantages"]
+                out["advantages"] = a.where(a >= 0, a * s)
+            return out
+
+    return MaestroGRPOTrainer
 
 
 @functools.cache
 def _vlm_trainer_class() -> type:
-    from trl import GRPOTrainer
-
-    class VLMGRPOTrainer(GRPOTrainer):
+    class VLMGRPOTrainer(_base_trainer_class()):
         """GRPOTrainer whose forward rebuilds mm_token_type_ids / token_type_ids from the ids it
         scores (TRL computed them over the dataset prompt, not over the rollout's prompt_ids)."""
 
@@ -640,12 +727,8 @@ def build_trainer(model: Any, tokenizer: Any, settings: GRPOSettings, output_dir
               max_steps=max_steps)
     kw.update(config_overrides)
     config = settings.to_grpo_config(output_dir, **kw)
-    trainer = _trainer_class(tokenizer)(model=model, reward_funcs=[reward_from_trajectory], args=config,
-                                        train_dataset=group_dataset(group_keys, images), processing_class=tokenizer,
-                                        rollout_func=make_rollout_func(source, mask_forced=settings.mask_forced_tokens),
-                                        peft_config=settings.lora_config())
-    _quiet(trainer)
-    return trainer
+    return _make_trainer(settings, tokenizer, model=model, args=config, train_dataset=group_dataset(group_keys, images),
+                         rollout_func=make_rollout_func(source, mask_forced=settings.mask_forced_tokens))
 
 
 _UPDATERS: "weakref.WeakKeyDictionary[Any, GRPOUpdater]" = weakref.WeakKeyDictionary()

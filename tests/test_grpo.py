@@ -8,6 +8,7 @@ turn is an answer token and EOS. Reward 1 only for the item's right action.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -50,14 +51,14 @@ def make_tokenizer():
     return fast
 
 
-def make_model(tok):
+def make_model(tok, tied: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg)
 
 
@@ -294,6 +295,18 @@ def test_lora_update_changes_only_adapters(tok, tmp_path):
                 assert torch.equal(p.cpu(), base[key].cpu()), n
 
 
+def test_train_only_head_changes_only_the_output_layer(tok, tmp_path):
+    model = make_model(tok, tied=False)
+    toy = Toy(tok, model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = _cpu(num_generations=4, per_device_train_batch_size=16, train_only_head=True, learning_rate=1e-2)
+    assert grpo_update(model, tok, toy.collect(0, range(K), 4), settings, str(tmp_path)).params_changed
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach().cpu(), base[n].cpu())}
+    assert changed == {"lm_head.weight"}
+    with pytest.raises(ConfigError, match="train_only_head"):
+        _cpu(train_only_head=True, lora_r=4)
+
+
 def test_long_lived_trainer_collects_with_current_weights(tok, tmp_path):
     from maestro_core.grpo import build_trainer
 
@@ -396,6 +409,116 @@ def test_toy_policy_learns_to_read_the_cost_weight_in_its_prompt(tok, tmp_path):
           f"{elapsed:.1f} s")
     assert dear_share(0) > 0.9 and dear_share(1) < 0.1
     assert elapsed < 60
+
+
+class ForcedToy(Toy):
+    """The toy with the first action chosen by the test: sample s of a group calls `force[s]`."""
+
+    def __init__(self, tok, model, force):
+        super().__init__(tok, model)
+        self.force = force
+
+    def episode(self, iteration: int, item: int, sample: int) -> Trajectory:
+        t = super().episode(iteration, item, sample)
+        a = self.actions[self.force[sample]]
+        step = dataclasses.replace(t.steps[0], completion_ids=(a,), logprobs=(self._logp(list(t.prompt_ids), a),))
+        r = 1.0 if self.force[sample] == self.right(item) else 0.0
+        return dataclasses.replace(t, steps=(step,) + t.steps[1:], reward=r, outcome=r)
+
+
+def test_negative_advantage_scale_scales_what_the_loss_sees(tok, tmp_path):
+    """Seven episodes take the right action (advantage +0.125), one a wrong one (-0.875): the
+    loss gets the negative one times negative_advantage_scale and the positive ones as they are,
+    in the tokenizer's trainer class and in the processor's (a subclass of it)."""
+    from maestro_core.grpo import GRPOUpdater, _base_trainer_class, _vlm_trainer_class
+
+    item, G = 0, 8
+    right = Toy(tok, make_model(tok)).right(item)
+    force = [right] * (G - 1) + [(right + 1) % K]
+
+    def advantages(scale: float) -> list[float]:
+        model = make_model(tok)
+        trajs = ForcedToy(tok, model, force).collect(0, [item], G)
+        settings = _cpu(num_generations=G, per_device_train_batch_size=8, scale_rewards="none",
+                        negative_advantage_scale=scale)
+        up = GRPOUpdater(model, tok, settings, str(tmp_path / str(scale)), G)
+        seen, orig = [], up.trainer._compute_loss
+        up.trainer._compute_loss = lambda m, inputs: seen.append(inputs["advantages"].tolist()) or orig(m, inputs)
+        res = up.update(trajs)
+        assert seen and res.params_changed
+        return sorted(a for batch in seen for a in batch)
+
+    assert advantages(1.0) == pytest.approx([-0.875] + [0.125] * 7)
+    assert advantages(0.5) == pytest.approx([-0.4375] + [0.125] * 7)
+    assert advantages(0.0) == pytest.approx([0.0] + [0.125] * 7)
+    assert issubclass(_vlm_trainer_class(), _base_trainer_class())
+    with pytest.raises(ConfigError, match="negative_advantage_scale"):
+        _cpu(negative_advantage_scale=-0.5)
+
+
+def test_propensity_weighting_pushes_each_route_by_its_value_not_its_share():
+    """Six samples of the incumbent (probability 0.9) and one of a rare route (0.05) are right,
+    one rare wrong call fails. Plain GRPO gives the incumbent six times the rare winner's total
+    push; weighted by 1 / probability, the rare winner gets more than all six together, and the
+    failure is pushed down hardest. Equal probabilities leave the advantages as they are."""
+    from maestro_core.grpo import propensity_weighted
+
+    G = 8
+    r = torch.tensor([1.0] * 7 + [0.0])
+    adv = r - r.mean()
+    probs = torch.tensor([0.9] * 6 + [0.05, 0.05])
+    logps = torch.zeros(1, G, 5)
+    logps[0, :, 1] = probs.log()                  # the routing token; the others forced (0) or padding (0)
+    logps = logps.view(G, 5)
+    mask = torch.ones(G, 5)
+    plain_incumbent, plain_rare = adv[:6].sum(), adv[6]
+    assert plain_incumbent == pytest.approx(6 * plain_rare)
+    w = propensity_weighted(adv, logps, mask, G, cap=50.0)
+    assert w[6] > w[:6].sum() > 0
+    assert w[7] < 0 and w[7] < -w[6]
+    assert torch.allclose(w[:6], w[0].expand(6))
+    # an observation token's logprob (tool_mask 0) is not the policy's: left out
+    noisy = logps.clone()
+    noisy[:, 3] = -5.0
+    obs_mask = mask.clone()
+    obs_mask[:, 3] = 0
+    assert torch.allclose(propensity_weighted(adv, noisy, obs_mask, G, cap=50.0), w)
+    # the cap bounds the weight: at cap 1 every weight is 1 and GRPO is unchanged
+    assert torch.allclose(propensity_weighted(adv, logps, mask, G, cap=1.0), adv)
+    same = torch.full((G, 5), 0.0)
+    same[:, 1] = math.log(0.3)
+    assert torch.allclose(propensity_weighted(adv, same, mask, G, cap=50.0), adv, atol=1e-6)
+    with pytest.raises(ConfigError, match="propensity_cap"):
+        _cpu(propensity_cap=0.5)
+
+
+def test_the_trainer_takes_propensity_weighted_advantages(tok, tmp_path):
+    """Through TRL: the loss gets the advantages weighted by the episodes' recorded sampling
+    probabilities."""
+    from maestro_core.grpo import GRPOUpdater, propensity_weighted
+
+    item, G = 0, 8
+    model = make_model(tok)
+    right = Toy(tok, model).right(item)
+    trajs = ForcedToy(tok, model, [right] * 6 + [(right + 1) % K] * 2).collect(0, [item], G)
+    # as if sampled by a policy sure of the right action, the answer forced (the stored
+    # probabilities are what counts)
+    def resampled(t):
+        call = dataclasses.replace(t.steps[0], logprobs=(math.log(0.9 if t.reward else 0.05),))
+        answer = dataclasses.replace(t.steps[1], logprobs=(0.0,) * len(t.steps[1].logprobs))
+        return dataclasses.replace(t, steps=(call, answer))
+
+    trajs = [resampled(t) for t in trajs]
+    settings = _cpu(num_generations=G, per_device_train_batch_size=8, scale_rewards="none", propensity_cap=20.0)
+    up = GRPOUpdater(model, tok, settings, str(tmp_path), G)
+    seen, orig = [], up.trainer._compute_loss
+    up.trainer._compute_loss = lambda m, inputs: seen.append(inputs["advantages"].tolist()) or orig(m, inputs)
+    up.update(trajs)
+    r = torch.tensor([t.reward for t in trajs])
+    lps = torch.tensor([[sum(t.completion_logprobs())] for t in trajs])
+    want = propensity_weighted(r - r.mean(), lps, None, G, cap=20.0)
+    assert sorted(a for batch in seen for a in batch) == pytest.approx(sorted(want.tolist()), abs=1e-5)
+    assert not torch.allclose(want, r - r.mean())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
