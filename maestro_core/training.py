@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from maestro_core.cache import ExpertCache
 from maestro_core.dataset import Item
@@ -58,6 +58,10 @@ class TrainConfig:
         "help": "Label-free warm-up steps before RL (pretrain_reader: the first action's position predicts "
                 "the question's words; no answers, routes or rewards), so the random-init policy reads its "
                 "question; 0: off."})
+    pretrain_contrast: float = field(default=0.0, metadata={
+        "help": "Weight of a contrastive term in the warm-up (pretrain_reader's `contrast`): the first action's "
+                "state of two token-dropped views of a prompt must pick each other out among the batch's, so "
+                "prompts that say different things get different states (label-free). 0: off."})
     temperature: float = field(default=1.5, metadata={
         "help": "Sampling temperature of rollouts (= grpo.temperature). 1.5 on CPU: the routing of minority "
                 "benchmarks keeps being explored."})
@@ -135,6 +139,9 @@ class TrainConfig:
                               field="temperature", fix="set train.temperature and train.grpo.temperature equal.")
         if self.actions not in ("level1", "all"):
             raise ConfigError(f"actions '{self.actions}' is unknown.", field="actions", fix="use 'level1' or 'all'.")
+        if not self.pretrain_contrast >= 0:
+            raise ConfigError(f"pretrain_contrast must be >= 0, got {self.pretrain_contrast}.",
+                              field="pretrain_contrast", fix="use e.g. 1.0, or 0 to switch it off.")
         if self.pretrain_steps < 0:
             raise ConfigError("pretrain_steps must be >= 0.", field="pretrain_steps", fix="use 0 to switch it off.")
         if self.call_input not in ("question", "free"):
@@ -241,12 +248,16 @@ def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
 
 
 def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, steps: int, lr: float = 1e-3,
-                    batch_size: int = 16, seed: int = 0) -> list[float]:
+                    batch_size: int = 16, seed: int = 0, contrast: float = 0.0, drop: float = 0.1) -> list[float]:
     """Label-free warm-up of a random-init policy: for (rendered prompt, user message) pairs,
     the position where the first action is sampled (right after the prompt and the `<call>`
     opener) is trained to predict a random token of the user's message (a bag-of-words
     objective). No answers, routes or rewards are involved: it makes that position's state
-    carry what the question says, which RL then maps to actions. Returns the loss per step."""
+    carry what the question says, which RL then maps to actions. With `contrast` > 0 the loss
+    also holds contrast x an InfoNCE term over two token-dropped views of each prompt
+    (`_contrast_loss`): word prediction alone can leave that state mostly shared by all prompts
+    (a bias that every RL update on one prompt also applies to the others); the contrastive term
+    keeps prompts that say different things apart. Returns the loss per step."""
     import torch
 
     if steps <= 0 or not examples:
@@ -274,6 +285,8 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
             att[i, :len(b)] = 1
             labels[i, len(b) - 1] = b[-1]
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        if contrast > 0:
+            loss = loss + contrast * _contrast_loss(model, [b[:-1] for b in batch], pad, rng, drop)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -281,6 +294,33 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
         losses.append(float(loss.detach()))
     model.eval()
     return losses
+
+
+def _contrast_loss(model, prompts: Sequence[list[int]], pad: int, rng: random.Random, drop: float) -> Any:
+    """InfoNCE between two views of each prompt (each token but the last two dropped with
+    probability `drop`, independently per view): the first action's state of a view must pick
+    out the other view of its own prompt among the batch's, so it has to depend on what the
+    prompt says (label-free)."""
+    import torch
+
+    views = []
+    for _ in range(2):
+        for p in prompts:
+            keep = [t for j, t in enumerate(p) if j >= len(p) - 2 or rng.random() >= drop]
+            views.append(keep)
+    n = max(len(v) for v in views)
+    ids = torch.full((len(views), n), pad, dtype=torch.long)
+    att = torch.zeros((len(views), n), dtype=torch.long)
+    for i, v in enumerate(views):
+        ids[i, :len(v)] = torch.tensor(v)
+        att[i, :len(v)] = 1
+    out = model(input_ids=ids, attention_mask=att, output_hidden_states=True)
+    last = torch.tensor([len(v) - 1 for v in views])
+    h = torch.nn.functional.normalize(out.hidden_states[-1][torch.arange(len(views)), last], dim=-1)
+    b = len(prompts)
+    sim = h[:b] @ h[b:].T / 0.1
+    target = torch.arange(b)
+    return (torch.nn.functional.cross_entropy(sim, target) + torch.nn.functional.cross_entropy(sim.T, target)) / 2
 
 
 def action_prior(registry: Registry, actions: Sequence[str], beta: float, cost_scale: float) -> list[float]:
@@ -376,7 +416,8 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
         state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
-            pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed)  # 0 steps: none
+            pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed,  # 0 steps: none
+                            contrast=config.pretrain_contrast)
             if config.cost_prior or config.start_uniform:  # the price prior, or uniform at strength 0
                 actions = policy_kwargs(config, registry)["actions"]
                 fit_action_prior(model, tok, [p for p, _ in examples], actions,
