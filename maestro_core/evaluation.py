@@ -345,13 +345,16 @@ async def policy_runs(registry: Registry, experts: Mapping[str, ExpertBackend], 
 
 async def calibrate_price_tilt(registry: Registry, experts: Mapping[str, ExpertBackend], items: Sequence[Item], path,
                                *, cache: ExpertCache, target_cost: float, budget: float | None = None,
+                               cost_lambda: float | None = None, unseen_cost_weight: bool = False,
                                steps: int = 8, max_tilt: float = 1024.0,
                                progress: Callable[[str], None] | None = None) -> tuple[float, list[dict]]:
     """The smallest decode-time price tilt (LMPolicy.price_tilt, nats per cent) at which the
     greedy policy of the checkpoint at `path` spends at most `target_cost` per task on `items`
     (the validation split: the test items are never looked at), found by doubling then
     bisecting (`steps` halvings; the cost of a greedy policy only falls as the tilt grows).
-    Returns the tilt and each tried point {price_tilt, accuracy, cost_per_task}."""
+    `budget` and `cost_lambda` (with `unseen_cost_weight`, as in policy_runs) are applied as
+    they will be in the evaluation, so the tilt is calibrated for the same prompts. Returns the
+    tilt and each tried point {price_tilt, accuracy, cost_per_task}."""
     from maestro_core.checkpoints import load_checkpoint_policy
     from maestro_core.errors import ConfigError
 
@@ -367,7 +370,8 @@ async def calibrate_price_tilt(registry: Registry, experts: Mapping[str, ExpertB
     async def point(tilt: float) -> dict:
         policy.price_tilt = tilt
         trajs, _ = await policy_runs(registry, experts, items, path, cache=cache, run_id="calibration", iteration=0,
-                                     budget=budget, policy=policy)
+                                     budget=budget, cost_lambda=cost_lambda, unseen_cost_weight=unseen_cost_weight,
+                                     policy=policy)
         n = len(trajs)
         p = {"price_tilt": tilt, "accuracy": sum(t.outcome for t in trajs) / n,
              "cost_per_task": sum(t.total_cost for t in trajs) / n}
@@ -495,7 +499,7 @@ def run_evaluation(*, out: str | Path, registry_path: str | Path | None = None, 
                 if target_cost is not None:
                     price_tilt, calibration = await calibrate_price_tilt(
                         registry, experts, val_items, ck_path, cache=cache, target_cost=target_cost, budget=budget,
-                        progress=log)
+                        cost_lambda=cost_lambda, unseen_cost_weight=unseen_cost_weight, progress=log)
                     log(f"price tilt {price_tilt:g} (nats per cent): the smallest whose validation cost per task "
                         f"is at most ${target_cost:g}")
                 t, tt = {}, None

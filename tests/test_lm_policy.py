@@ -291,6 +291,13 @@ async def test_target_cost_calibrates_the_smallest_price_tilt_on_the_items_given
     assert all(p["cost_per_task"] > 0.0012 for p in tried if p["price_tilt"] < tilt)
     with pytest.raises(ConfigError, match="raise the target"):
         await calibrate_price_tilt(reg, experts, items, path, cache=None, target_cost=0.0005, max_tilt=64)
+    # a cost weight reaches the calibration's prompts as it reaches the evaluation's: refused for
+    # this checkpoint (trained without one), and shown with unseen_cost_weight
+    with pytest.raises(ConfigError, match="without a cost weight"):
+        await calibrate_price_tilt(reg, experts, items, path, cache=None, target_cost=0.0012, cost_lambda=1.0)
+    weighted, _ = await calibrate_price_tilt(reg, experts, items, path, cache=None, target_cost=0.0012, steps=5,
+                                             cost_lambda=1.0, unseen_cost_weight=True)
+    assert weighted > 0
 
 
 def test_a_tokenizer_larger_than_the_output_layer_is_refused_with_the_fix(reg, tok):
