@@ -51,29 +51,38 @@ def test_validation_items_spread_over_benchmarks():
     assert spread(items, 6, seed=1) == picked and len(spread(items, 99)) == 30
 
 
-def test_label_free_warm_up_makes_the_action_position_read_the_question():
-    """pretrain_reader: the state where the first action is sampled separates questions of
-    different kinds (no answers or routes used) far better than the random init does."""
+def _action_states(reg, items, cfg: TrainConfig) -> dict:
+    """The first action's state (after the prompt and `<call>`) of each item, by benchmark, for a
+    policy built and warmed up by build_policy with `cfg`."""
     import torch
 
     from maestro_core.episode import build_messages
     from maestro_core.training import build_policy
 
+    msgs = [build_messages(reg, it, compact=True) for it in items]
+    model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+    call = tok("<call>", add_special_tokens=False)["input_ids"]
+    hs: dict = {}
+    for it, m in zip(items, msgs):
+        with torch.no_grad():
+            h = model(torch.tensor([list(pol.encode_prompt(m)) + call]), output_hidden_states=True)
+        hs.setdefault(it.benchmark, []).append(h.hidden_states[-1][0, -1])
+    return hs
+
+
+def test_label_free_warm_up_makes_the_action_position_read_the_question():
+    """pretrain_reader: the state where the first action is sampled separates questions of
+    different kinds (no answers or routes used) far better than the random init does."""
+    import torch
+
     reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
     items = ([Item(f"a{i}", "arith", f"What is {i} + {2 * i}?", "0", "numeric") for i in range(12)]
              + [Item(f"w{i}", "words", f"How many words are in '{' '.join(['ab'] * (i + 2))}' here?", "0", "exact")
                 for i in range(12)])
-    msgs = [build_messages(reg, it, compact=True) for it in items]
 
     def separation(steps):
-        cfg = TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=steps)
-        model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
-        call = tok("<call>", add_special_tokens=False)["input_ids"]
-        hs = {}
-        for it, m in zip(items, msgs):
-            with torch.no_grad():
-                h = model(torch.tensor([list(pol.encode_prompt(m)) + call]), output_hidden_states=True)
-            hs.setdefault(it.benchmark, []).append(h.hidden_states[-1][0, -1])
+        hs = _action_states(reg, items, TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512,
+                                                    pretrain_steps=steps))
         c = {b: torch.stack(v).mean(0) for b, v in hs.items()}
         within = sum(float((torch.stack(v) - c[b]).norm(dim=-1).mean()) for b, v in hs.items()) / 2
         return float((c["arith"] - c["words"]).norm()) / within
@@ -90,9 +99,7 @@ def test_contrastive_warm_up_keeps_the_kinds_apart_at_the_action_position():
     import pytest
     import torch
 
-    from maestro_core.episode import build_messages
     from maestro_core.errors import ConfigError
-    from maestro_core.training import build_policy
 
     reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
     kinds = {"arith": lambda i: f"What is {i} + {2 * i}?",
@@ -100,18 +107,10 @@ def test_contrastive_warm_up_keeps_the_kinds_apart_at_the_action_position():
              "color": lambda i: f"Which colour is item {i} in the picture?",
              "date": lambda i: f"On which day of week was event {i} held?"}
     items = [Item(f"{k}{i}", k, f(i), "0", "exact") for k, f in kinds.items() for i in range(10)]
-    msgs = [build_messages(reg, it, compact=True) for it in items]
 
     def centroid_cosine(contrast, seed):
-        cfg = TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=100, seed=seed,
-                          pretrain_contrast=contrast)
-        model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
-        call = tok("<call>", add_special_tokens=False)["input_ids"]
-        hs = {}
-        for it, m in zip(items, msgs):
-            with torch.no_grad():
-                h = model(torch.tensor([list(pol.encode_prompt(m)) + call]), output_hidden_states=True)
-            hs.setdefault(it.benchmark, []).append(h.hidden_states[-1][0, -1])
+        hs = _action_states(reg, items, TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=100,
+                                                    seed=seed, pretrain_contrast=contrast))
         cents = [torch.stack(v).mean(0) for v in hs.values()]
         pairs = list(itertools.combinations(cents, 2))
         return sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
