@@ -55,6 +55,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="policy seeds to warm up (one row each)")
     p.add_argument("--contrast", type=float, nargs="+", default=[0.0],
                    help="pretrain_contrast weights to warm up with (one row each per seed)")
+    p.add_argument("--views", choices=("prompt", "question"), default="prompt",
+                   help="pretrain_views of the contrastive rows")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     started = time.perf_counter()
@@ -90,10 +92,10 @@ def main() -> None:
                 "image_centroid_cos_max": round(max(cos), 3) if cos else None, "common_share": round(common, 3)}
 
     def separation(steps: int, seed: int, contrast: float) -> dict:
-        cfg = TrainConfig(pretrain_steps=steps, seed=seed, pretrain_contrast=contrast)
+        cfg = TrainConfig(pretrain_steps=steps, seed=seed, pretrain_contrast=contrast, pretrain_views=args.views)
         t0 = time.perf_counter()
         model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=warm_msgs)
-        return {"warmup_steps": steps, "seed": seed, "contrast": contrast,
+        return {"warmup_steps": steps, "seed": seed, "contrast": contrast, "views": args.views if contrast else None,
                 "warmup_s": round(time.perf_counter() - t0, 1), **measures(states(model, tok, pol))}
 
     steps = 20 if args.small else 300

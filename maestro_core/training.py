@@ -60,8 +60,11 @@ class TrainConfig:
                 "question; 0: off."})
     pretrain_contrast: float = field(default=0.0, metadata={
         "help": "Weight of a contrastive term in the warm-up (pretrain_reader's `contrast`): the first action's "
-                "state of two token-dropped views of a prompt must pick each other out among the batch's, so "
-                "prompts that say different things get different states (label-free). 0: off."})
+                "state of two noisy views of a prompt must pick each other out among the batch's, so prompts "
+                "that say different things get different states (label-free). 0: off."})
+    pretrain_views: str = field(default="prompt", metadata={
+        "help": "The contrastive term's views: 'prompt' drops each prompt token (p 0.1); 'question' drops "
+                "(p 0.3) or replaces (p 0.2) only the question's tokens, as question noise does."})
     temperature: float = field(default=1.5, metadata={
         "help": "Sampling temperature of rollouts (= grpo.temperature). 1.5 on CPU: the routing of minority "
                 "benchmarks keeps being explored."})
@@ -142,6 +145,9 @@ class TrainConfig:
         if not self.pretrain_contrast >= 0:
             raise ConfigError(f"pretrain_contrast must be >= 0, got {self.pretrain_contrast}.",
                               field="pretrain_contrast", fix="use e.g. 1.0, or 0 to switch it off.")
+        if self.pretrain_views not in ("prompt", "question"):
+            raise ConfigError(f"pretrain_views '{self.pretrain_views}' is unknown.", field="pretrain_views",
+                              fix="use 'prompt' or 'question'.")
         if self.pretrain_steps < 0:
             raise ConfigError("pretrain_steps must be >= 0.", field="pretrain_steps", fix="use 0 to switch it off.")
         if self.call_input not in ("question", "free"):
@@ -248,14 +254,16 @@ def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
 
 
 def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, steps: int, lr: float = 1e-3,
-                    batch_size: int = 16, seed: int = 0, contrast: float = 0.0, drop: float = 0.1) -> list[float]:
+                    batch_size: int = 16, seed: int = 0, contrast: float = 0.0, views: str = "prompt") -> list[float]:
     """Label-free warm-up of a random-init policy: for (rendered prompt, user message) pairs,
     the position where the first action is sampled (right after the prompt and the `<call>`
     opener) is trained to predict a random token of the user's message (a bag-of-words
     objective). No answers, routes or rewards are involved: it makes that position's state
     carry what the question says, which RL then maps to actions. With `contrast` > 0 the loss
-    also holds contrast x an InfoNCE term over two token-dropped views of each prompt
-    (`_contrast_loss`): word prediction alone can leave that state mostly shared by all prompts
+    also holds contrast x an InfoNCE term over two noisy views of each prompt (`_contrast_loss`;
+    `views`: "prompt" drops each prompt token with probability 0.1, "question" drops (0.3) or
+    replaces (0.2, by another question token) only the user message's tokens, as question noise
+    does in training): word prediction alone can leave that state mostly shared by all prompts
     (a bias that every RL update on one prompt also applies to the others); the contrastive term
     keeps prompts that say different things apart. Returns the loss per step."""
     import torch
@@ -267,15 +275,22 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
     enc = [(tokenizer(p, add_special_tokens=False)["input_ids"] + opener, tokenizer(q, add_special_tokens=False)["input_ids"])
            for p, q in examples]
     enc = [(p, q) for p, q in enc if q]
+    if views not in ("prompt", "question"):
+        raise ConfigError(f"contrastive views '{views}' are unknown.", field="pretrain_views",
+                          fix="use 'prompt' or 'question'.")
+    spans = [_last_index(p, q) for p, q in enc]
+    pool = sorted({t for _, q in enc for t in q})
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
     model.train()
     for _ in range(steps):
-        batch = []
+        batch, where = [], []
         for _ in range(batch_size):
-            p, q = enc[rng.randrange(len(enc))]
+            k = rng.randrange(len(enc))
+            p, q = enc[k]
             batch.append(p + [q[rng.randrange(len(q))]])
+            where.append(None if views == "prompt" or spans[k] is None else (spans[k], spans[k] + len(q)))
         n = max(len(b) for b in batch)
         ids = torch.full((len(batch), n), pad, dtype=torch.long)
         att = torch.zeros((len(batch), n), dtype=torch.long)
@@ -286,7 +301,7 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
             labels[i, len(b) - 1] = b[-1]
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         if contrast > 0:
-            loss = loss + contrast * _contrast_loss(model, [b[:-1] for b in batch], pad, rng, drop)
+            loss = loss + contrast * _contrast_loss(model, [b[:-1] for b in batch], pad, rng, where, pool)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,18 +311,40 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
     return losses
 
 
-def _contrast_loss(model, prompts: Sequence[list[int]], pad: int, rng: random.Random, drop: float) -> Any:
-    """InfoNCE between two views of each prompt (each token but the last two dropped with
-    probability `drop`, independently per view): the first action's state of a view must pick
-    out the other view of its own prompt among the batch's, so it has to depend on what the
-    prompt says (label-free)."""
+def _last_index(seq: Sequence[int], sub: Sequence[int]) -> int | None:
+    """Start of the last occurrence of `sub` in `seq`, or None."""
+    for i in range(len(seq) - len(sub), -1, -1):
+        if list(seq[i:i + len(sub)]) == list(sub):
+            return i
+    return None
+
+
+def _noisy_view(p: Sequence[int], span: tuple[int, int] | None, rng: random.Random, pool: Sequence[int]) -> list[int]:
+    """One view of prompt `p` for the contrastive warm-up: without `span`, each token but the
+    last two dropped with probability 0.1; with `span` (the user message), only its tokens are
+    dropped (0.3) or replaced by a random `pool` token (0.2)."""
+    if span is None:
+        return [t for j, t in enumerate(p) if j >= len(p) - 2 or rng.random() >= 0.1]
+    out = []
+    for j, t in enumerate(p):
+        if span[0] <= j < span[1]:
+            r = rng.random()
+            if r < 0.3:
+                continue
+            if r < 0.5:
+                t = pool[rng.randrange(len(pool))]
+        out.append(t)
+    return out
+
+
+def _contrast_loss(model, prompts: Sequence[list[int]], pad: int, rng: random.Random,
+                   spans: Sequence[tuple[int, int] | None], pool: Sequence[int]) -> Any:
+    """InfoNCE between two noisy views of each prompt (`_noisy_view`, independently per view):
+    the first action's state of a view must pick out the other view of its own prompt among the
+    batch's, so it has to depend on what the prompt says (label-free)."""
     import torch
 
-    views = []
-    for _ in range(2):
-        for p in prompts:
-            keep = [t for j, t in enumerate(p) if j >= len(p) - 2 or rng.random() >= drop]
-            views.append(keep)
+    views = [_noisy_view(p, span, rng, pool) for _ in range(2) for p, span in zip(prompts, spans)]
     n = max(len(v) for v in views)
     ids = torch.full((len(views), n), pad, dtype=torch.long)
     att = torch.zeros((len(views), n), dtype=torch.long)
@@ -417,7 +454,7 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
         torch.manual_seed(config.seed)
         try:
             pretrain_reader(model, tok, examples, steps=config.pretrain_steps, seed=config.seed,  # 0 steps: none
-                            contrast=config.pretrain_contrast)
+                            contrast=config.pretrain_contrast, views=config.pretrain_views)
             if config.cost_prior or config.start_uniform:  # the price prior, or uniform at strength 0
                 actions = policy_kwargs(config, registry)["actions"]
                 fit_action_prior(model, tok, [p for p, _ in examples], actions,

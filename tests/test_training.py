@@ -123,6 +123,36 @@ def test_contrastive_warm_up_keeps_the_kinds_apart_at_the_action_position():
         TrainConfig(pretrain_contrast=-1.0)
 
 
+def test_question_views_change_only_the_question_tokens():
+    """pretrain_views 'question': a contrastive view drops or replaces (by another question
+    token) only the user message's tokens, found as its last occurrence in the prompt; 'prompt'
+    views drop anywhere but the last two tokens; an unknown kind is refused."""
+    import random
+
+    import pytest
+
+    from maestro_core.errors import ConfigError
+    from maestro_core.training import _last_index, _noisy_view
+
+    q = [7, 8, 9, 7]
+    p = [1, 2, 7, 8, 3] + q + [4, 5, 6]
+    start = _last_index(p, q)
+    assert start == 5 and _last_index(p, [42]) is None
+    rng = random.Random(0)
+    seen_change = False
+    for _ in range(200):
+        v = _noisy_view(p, (start, start + len(q)), rng, pool=[7, 8, 9])
+        assert v[:5] == p[:5] and v[-3:] == p[-3:]          # catalogue and the generation prompt kept
+        middle = v[5:-3]
+        assert len(middle) <= len(q) and set(middle) <= {7, 8, 9}
+        seen_change |= middle != q
+        w = _noisy_view(p, None, rng, pool=[7, 8, 9])
+        assert w[-2:] == p[-2:] and len(w) <= len(p) and set(w) <= set(p)
+    assert seen_change
+    with pytest.raises(ConfigError, match="pretrain_views"):
+        TrainConfig(pretrain_views="words")
+
+
 def test_cost_prior_starts_the_first_call_on_the_cheap_targets():
     """fit_action_prior: after the warm-up, the first call's constrained target distribution is
     the price prior for every question (output layer only: the reader's state is untouched);
