@@ -278,8 +278,9 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
     if views not in ("prompt", "question"):
         raise ConfigError(f"contrastive views '{views}' are unknown.", field="pretrain_views",
                           fix="use 'prompt' or 'question'.")
-    spans = [_last_index(p, q) for p, q in enc]
-    pool = sorted({t for _, q in enc for t in q})
+    question_views = contrast > 0 and views == "question"
+    spans = [_last_index(p, q) for p, q in enc] if question_views else [None] * len(enc)
+    pool = sorted({t for _, q in enc for t in q}) if question_views else []
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
@@ -290,14 +291,10 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
             k = rng.randrange(len(enc))
             p, q = enc[k]
             batch.append(p + [q[rng.randrange(len(q))]])
-            where.append(None if views == "prompt" or spans[k] is None else (spans[k], spans[k] + len(q)))
-        n = max(len(b) for b in batch)
-        ids = torch.full((len(batch), n), pad, dtype=torch.long)
-        att = torch.zeros((len(batch), n), dtype=torch.long)
-        labels = torch.full((len(batch), n), -100, dtype=torch.long)
+            where.append(None if spans[k] is None else (spans[k], spans[k] + len(q)))
+        ids, att = _right_padded(batch, pad)
+        labels = torch.full(ids.shape, -100, dtype=torch.long)
         for i, b in enumerate(batch):
-            ids[i, :len(b)] = torch.tensor(b)
-            att[i, :len(b)] = 1
             labels[i, len(b) - 1] = b[-1]
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         if contrast > 0:
@@ -309,6 +306,19 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
         losses.append(float(loss.detach()))
     model.eval()
     return losses
+
+
+def _right_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
+    """input_ids and attention_mask of token lists padded on the right."""
+    import torch
+
+    n = max(len(v) for v in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, v in enumerate(seqs):
+        ids[i, :len(v)] = torch.tensor(v)
+        att[i, :len(v)] = 1
+    return ids, att
 
 
 def _last_index(seq: Sequence[int], sub: Sequence[int]) -> int | None:
@@ -345,12 +355,7 @@ def _contrast_loss(model, prompts: Sequence[list[int]], pad: int, rng: random.Ra
     import torch
 
     views = [_noisy_view(p, span, rng, pool) for _ in range(2) for p, span in zip(prompts, spans)]
-    n = max(len(v) for v in views)
-    ids = torch.full((len(views), n), pad, dtype=torch.long)
-    att = torch.zeros((len(views), n), dtype=torch.long)
-    for i, v in enumerate(views):
-        ids[i, :len(v)] = torch.tensor(v)
-        att[i, :len(v)] = 1
+    ids, att = _right_padded(views, pad)
     out = model(input_ids=ids, attention_mask=att, output_hidden_states=True)
     last = torch.tensor([len(v) - 1 for v in views])
     h = torch.nn.functional.normalize(out.hidden_states[-1][torch.arange(len(views)), last], dim=-1)
