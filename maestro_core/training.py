@@ -65,6 +65,13 @@ class TrainConfig:
     pretrain_views: str = field(default="prompt", metadata={
         "help": "The contrastive term's views: 'prompt' drops each prompt token (p 0.1); 'question' drops "
                 "(p 0.3) or replaces (p 0.2) only the question's tokens, as question noise does."})
+    rl_contrast_lr: float = field(default=0.0, metadata={
+        "help": "Keep the contrastive term during RL: after each GRPO update, `rl_contrast_steps` steps of the "
+                "warm-up's InfoNCE term alone (views as pretrain_views, on the warm-up's prompts), with their own "
+                "AdamW at this learning rate (ContrastRegulariser). RL updates tend to pull the first action's "
+                "states of all image questions back together, so a route learned for one benchmark spreads to "
+                "the others and is lost. Label-free. 0: off."})
+    rl_contrast_steps: int = field(default=1, metadata={"help": "Contrastive steps after each GRPO update."})
     temperature: float = field(default=1.5, metadata={
         "help": "Sampling temperature of rollouts (= grpo.temperature). 1.5 on CPU: the routing of minority "
                 "benchmarks keeps being explored."})
@@ -148,6 +155,12 @@ class TrainConfig:
         if self.pretrain_views not in ("prompt", "question"):
             raise ConfigError(f"pretrain_views '{self.pretrain_views}' is unknown.", field="pretrain_views",
                               fix="use 'prompt' or 'question'.")
+        if not (0.0 <= self.rl_contrast_lr < float("inf")):
+            raise ConfigError(f"rl_contrast_lr must be finite and >= 0, got {self.rl_contrast_lr}.",
+                              field="rl_contrast_lr", fix="use e.g. 1e-3, or 0 to switch it off.")
+        if self.rl_contrast_steps < 1:
+            raise ConfigError("rl_contrast_steps must be >= 1.", field="rl_contrast_steps",
+                              fix="use 1 or more (rl_contrast_lr: 0 switches the term off).")
         if self.pretrain_steps < 0:
             raise ConfigError("pretrain_steps must be >= 0.", field="pretrain_steps", fix="use 0 to switch it off.")
         if self.call_input not in ("question", "free"):
@@ -271,16 +284,7 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
     if steps <= 0 or not examples:
         return []
     rng = random.Random(seed)
-    opener = tokenizer("<call>", add_special_tokens=False)["input_ids"]
-    enc = [(tokenizer(p, add_special_tokens=False)["input_ids"] + opener, tokenizer(q, add_special_tokens=False)["input_ids"])
-           for p, q in examples]
-    enc = [(p, q) for p, q in enc if q]
-    if views not in ("prompt", "question"):
-        raise ConfigError(f"contrastive views '{views}' are unknown.", field="pretrain_views",
-                          fix="use 'prompt' or 'question'.")
-    question_views = contrast > 0 and views == "question"
-    spans = [_last_index(p, q) for p, q in enc] if question_views else [None] * len(enc)
-    pool = sorted({t for _, q in enc for t in q}) if question_views else []
+    enc, spans, pool = _view_examples(tokenizer, examples, views, contrast > 0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses = []
@@ -291,7 +295,7 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
             k = rng.randrange(len(enc))
             p, q = enc[k]
             batch.append(p + [q[rng.randrange(len(q))]])
-            where.append(None if spans[k] is None else (spans[k], spans[k] + len(q)))
+            where.append(spans[k])
         ids, att = _right_padded(batch, pad)
         labels = torch.full(ids.shape, -100, dtype=torch.long)
         for i, b in enumerate(batch):
@@ -306,6 +310,71 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
         losses.append(float(loss.detach()))
     model.eval()
     return losses
+
+
+def _view_examples(tokenizer, examples: Sequence[tuple[str, str]], views: str, contrast: bool = True):
+    """For (rendered prompt, user message) pairs: the token ids of prompt + `<call>` and of the
+    message (pairs with an empty message left out); with `contrast` and `views` 'question', the
+    (start, end) of each message in its prompt and the pool of message tokens (else None spans
+    and an empty pool: views that drop prompt tokens)."""
+    if views not in ("prompt", "question"):
+        raise ConfigError(f"contrastive views '{views}' are unknown.", field="pretrain_views",
+                          fix="use 'prompt' or 'question'.")
+    opener = tokenizer("<call>", add_special_tokens=False)["input_ids"]
+    enc = [(tokenizer(p, add_special_tokens=False)["input_ids"] + opener, tokenizer(q, add_special_tokens=False)["input_ids"])
+           for p, q in examples]
+    enc = [(p, q) for p, q in enc if q]
+    question = contrast and views == "question"
+    starts = [_last_index(p, q) for p, q in enc] if question else [None] * len(enc)
+    spans = [None if a is None else (a, a + len(q)) for a, (_, q) in zip(starts, enc)]
+    pool = sorted({t for _, q in enc for t in q}) if question else []
+    return enc, spans, pool
+
+
+class ContrastRegulariser:
+    """The warm-up's contrastive term kept during RL (TrainConfig.rl_contrast_lr): after each
+    GRPO update, `steps` steps of `_contrast_loss` alone on random batches of the warm-up's
+    prompts, with an AdamW of its own. RL moves the first action's state of all image questions
+    together (the route learned for one benchmark then spreads to the others); this keeps prompts
+    that say different things apart. Label-free: no answer, route or reward is read.
+
+        reg = ContrastRegulariser(model, tokenizer, examples, lr=1e-3, steps=1, seed=0)
+        loss = reg.step(iteration)      # after the GRPO update of that iteration
+    """
+
+    def __init__(self, model, tokenizer, examples: Sequence[tuple[str, str]], *, lr: float, steps: int = 1,
+                 views: str = "prompt", seed: int = 0, batch_size: int = 16):
+        import torch
+
+        enc, self.spans, self.pool = _view_examples(tokenizer, examples, views)
+        if not enc:
+            raise ConfigError("no prompt with a question to contrast.", field="rl_contrast_lr",
+                              fix="train on items with questions, or set rl_contrast_lr: 0.")
+        self.prompts = [p for p, _ in enc]
+        self.model, self.steps, self.seed, self.batch_size = model, steps, seed, batch_size
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def step(self, iteration: int) -> float:
+        """`steps` optimizer steps (batches seeded by seed and iteration); the mean loss."""
+        import torch
+
+        rng = random.Random(f"{self.seed}-contrast-{iteration}")
+        was_training = self.model.training
+        self.model.train()
+        losses = []
+        for _ in range(self.steps):
+            ks = [rng.randrange(len(self.prompts)) for _ in range(self.batch_size)]
+            loss = _contrast_loss(self.model, [self.prompts[k] for k in ks], self.pad, rng,
+                                  [self.spans[k] for k in ks], self.pool)
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            losses.append(float(loss.detach()))
+        self.opt.zero_grad(set_to_none=True)
+        self.model.train(was_training)
+        return sum(losses) / len(losses)
 
 
 def _right_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
@@ -436,6 +505,12 @@ def warmup_messages(registry: Registry, items: Sequence[Item], config: TrainConf
             for it in items for lam in lams for b in budgets]
 
 
+def warmup_examples(tokenizer, messages: Sequence[Sequence[dict]]) -> list[tuple[str, str]]:
+    """(rendered first-turn prompt, user message) pairs of `messages`, as the warm-up reads them."""
+    return [(tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True), m[-1]["content"])
+            for m in messages]
+
+
 def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None,
                  messages: Sequence[Sequence[dict]] = ()):
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
@@ -453,8 +528,7 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
                              tie_embeddings=config.tie_embeddings)
     if (config.pretrain_steps or config.cost_prior or config.start_uniform) and messages:
         import torch
-        examples = [(tok.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True), m[-1]["content"])
-                    for m in messages]
+        examples = warmup_examples(tok, messages)
         state = torch.random.get_rng_state()
         torch.manual_seed(config.seed)
         try:
@@ -606,6 +680,15 @@ class TrainingRun:
             first = done[0] if done and done[0].iteration == 0 else None
             ref = local_copy(first, self.out_dir / "ckpt-0", self.objects) if first else self.out_dir / "ckpt-0"
             self.model.config._name_or_path = str(ref)
+        self.contrast = None
+        if config.rl_contrast_lr > 0:
+            if self.policy.served or self.policy.vision:
+                raise ConfigError("rl_contrast_lr needs a text policy trained in this process.", field="rl_contrast_lr",
+                                  fix="set rl_contrast_lr: 0 for a served or vision-language policy.")
+            examples = warmup_examples(self.tokenizer, warmup_messages(registry, train_items, config))
+            self.contrast = ContrastRegulariser(self.model, self.tokenizer, examples, lr=config.rl_contrast_lr,
+                                                steps=config.rl_contrast_steps, views=config.pretrain_views,
+                                                seed=config.seed)
         # the server samples iteration `start` with ckpt-start (also a first check of its sync endpoints)
         self.served = self.policy.build(registry, config, tokenizer=self.tokenizer) if self.policy.served else None
         self.sync_served(self.start)
@@ -718,11 +801,14 @@ class TrainingRun:
             by_id = {it.id: it.images for it in self.train_items}
             images = {t.item_id: by_id[t.item_id] for t in trajs if t.item_id in by_id}
         res = update(self.model, self.tokenizer, trajs, cfg, self.out_dir, images=images)
+        contrast_loss = self.contrast.step(it) if self.contrast is not None else None
         n = len(trajs)
         row = {"iteration": it, "mean_reward": sum(t.reward for t in trajs) / n,
                "accuracy": sum(t.outcome for t in trajs) / n, "calls_per_task": sum(t.n_calls for t in trajs) / n,
                "cost_per_task": sum(t.total_cost for t in trajs) / n, "loss": res.loss,
                "collect_s": self.timing.get(it, {}).get("collect_s"), "update_s": time.perf_counter() - t1}
+        if contrast_loss is not None:
+            row["contrast_loss"] = contrast_loss
         if validate_now is None:
             validate_now = (it + 1) % cfg.eval_every == 0 or it == cfg.iterations - 1
         if self.served is not None:  # the server loads the new weights before validation and the next collection

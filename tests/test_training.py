@@ -16,7 +16,7 @@ def test_two_iterations_store_update_and_checkpoint(registry_dict, tmp_path):
     reg = parse_registry(registry_dict)
     items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(6)]
     cfg = TrainConfig(iterations=2, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
-                      eval_every=2, val_items=3, cost_lambdas=(0.0, 0.5, 1.0), budget_share=0.7,
+                      eval_every=2, val_items=3, cost_lambdas=(0.0, 0.5, 1.0), budget_share=0.7, rl_contrast_lr=1e-3,
                       grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
     with Store(tmp_path / "home") as store:
         res = train_policy(reg, items, items[:3], store=store, experts=build_experts(reg), config=cfg,
@@ -39,6 +39,7 @@ def test_two_iterations_store_update_and_checkpoint(registry_dict, tmp_path):
         seen = {b for v in budgets.values() for b in v}
         assert {"Budget: $0.02", "Budget: $0.005", None} >= seen and seen - {None}
     assert [r["iteration"] for r in res.curve] == [0, 1] and "val_accuracy" in res.curve[1]
+    assert all(r["contrast_loss"] > 0 for r in res.curve)  # the contrastive term kept during RL
     assert res.checkpoints and (tmp_path / "run" / "ckpt-2" / "config.json").exists()
     assert json.loads((tmp_path / "run" / "curve.json").read_text())[0]["mean_reward"] == res.curve[0]["mean_reward"]
 
@@ -121,6 +122,58 @@ def test_contrastive_warm_up_keeps_the_kinds_apart_at_the_action_position():
         assert contrast < plain - 0.08
     with pytest.raises(ConfigError, match="pretrain_contrast"):
         TrainConfig(pretrain_contrast=-1.0)
+
+
+def test_contrast_regulariser_pulls_collapsed_states_apart():
+    """ContrastRegulariser (rl_contrast_lr, the contrastive term kept during RL): from a policy
+    whose first-action states of four kinds of question are nearly one vector, its steps lower
+    the InfoNCE loss and the centroid cosine; it changes parameters; bad settings are refused."""
+    import itertools
+
+    import pytest
+    import torch
+
+    from maestro_core.episode import build_messages
+    from maestro_core.errors import ConfigError
+    from maestro_core.training import ContrastRegulariser, warmup_examples
+
+    reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
+    kinds = {"arith": lambda i: f"What is {i} + {2 * i}?",
+             "words": lambda i: f"How many words are in '{' '.join(['ab'] * (i + 2))}' here?",
+             "color": lambda i: f"Which colour is item {i} in the picture?",
+             "date": lambda i: f"On which day of week was event {i} held?"}
+    items = [Item(f"{k}{i}", k, f(i), "0", "exact") for k, f in kinds.items() for i in range(10)]
+    cfg = TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=0, seed=1)
+
+    def centroid_cosine(model, tok, pol):
+        call = tok("<call>", add_special_tokens=False)["input_ids"]
+        hs: dict = {}
+        for it in items:
+            with torch.no_grad():
+                h = model(torch.tensor([list(pol.encode_prompt(build_messages(reg, it, compact=True))) + call]),
+                          output_hidden_states=True)
+            hs.setdefault(it.benchmark, []).append(h.hidden_states[-1][0, -1])
+        cents = [torch.stack(v).mean(0) for v in hs.values()]
+        pairs = list(itertools.combinations(cents, 2))
+        return sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
+
+    from maestro_core.training import build_policy
+
+    msgs = [build_messages(reg, it, compact=True) for it in items]
+    model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+    before = centroid_cosine(model, tok, pol)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    reg_c = ContrastRegulariser(model, tok, warmup_examples(tok, msgs), lr=1e-3, steps=2, seed=1)
+    losses = [reg_c.step(i) for i in range(40)]
+    after = centroid_cosine(model, tok, pol)
+    print(f"centroid cosine {before:.3f} -> {after:.3f}; loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.3
+    assert after < before - 0.1
+    assert any(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+    for bad in (dict(rl_contrast_lr=-1.0), dict(rl_contrast_lr=float("inf")), dict(rl_contrast_steps=0)):
+        with pytest.raises(ConfigError, match="rl_contrast"):
+            TrainConfig(**bad)
 
 
 def test_question_views_change_only_the_question_tokens():
