@@ -83,7 +83,7 @@ def test_label_free_warm_up_makes_the_action_position_read_the_question():
 
     def separation(steps):
         hs = _action_states(reg, items, TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512,
-                                                    pretrain_steps=steps))
+                                                    pretrain_steps=steps, pretrain_contrast=0.0))
         c = {b: torch.stack(v).mean(0) for b, v in hs.items()}
         within = sum(float((torch.stack(v) - c[b]).norm(dim=-1).mean()) for b, v in hs.items()) / 2
         return float((c["arith"] - c["words"]).norm()) / within
