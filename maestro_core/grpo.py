@@ -194,12 +194,10 @@ class GRPOSettings:
         each collected batch (mu = 2, clipped), micro-batches of 32 episodes, sampling at temperature
         1.5 (exploration), advantages not divided by the group's std (with a cost term in the
         reward, a group where every sample failed has a tiny std and the division turned cost
-        differences between wrong answers into full-size advantages), and negative advantages set to
-        0 (learn from the above-mean episodes only: with the contrastive terms of TrainConfig's
-        defaults, the digit route was learned at four seeds of four; docs/POLICY.md)."""
+        differences between wrong answers into full-size advantages)."""
         base = dict(num_generations=8, learning_rate=2e-3, per_device_train_batch_size=32, num_iterations=2,
                     max_turns=2, temperature=1.5, scale_rewards="none", max_completion_length=512, bf16=False,
-                    gradient_checkpointing=False, negative_advantage_scale=0.0)
+                    gradient_checkpointing=False)
         base.update(overrides)
         return cls(**base)
 

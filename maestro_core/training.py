@@ -58,20 +58,20 @@ class TrainConfig:
         "help": "Label-free warm-up steps before RL (pretrain_reader: the first action's position predicts "
                 "the question's words; no answers, routes or rewards), so the random-init policy reads its "
                 "question; 0: off."})
-    pretrain_contrast: float = field(default=1.0, metadata={
+    pretrain_contrast: float = field(default=0.0, metadata={
         "help": "Weight of a contrastive term in the warm-up (pretrain_reader's `contrast`): the first action's "
                 "state of two noisy views of a prompt must pick each other out among the batch's, so prompts "
                 "that say different things get different states (label-free). 0: off."})
     pretrain_views: str = field(default="prompt", metadata={
         "help": "The contrastive term's views: 'prompt' drops each prompt token (p 0.1); 'question' drops "
                 "(p 0.3) or replaces (p 0.2) only the question's tokens, as question noise does."})
-    rl_contrast_lr: float = field(default=1e-3, metadata={
+    rl_contrast_lr: float = field(default=0.0, metadata={
         "help": "Keep the contrastive term during RL: after each GRPO update, `rl_contrast_steps` steps of the "
                 "warm-up's InfoNCE term alone (views as pretrain_views, on the warm-up's prompts), with their own "
                 "AdamW at this learning rate (ContrastRegulariser). RL updates tend to pull the first action's "
                 "states of all image questions back together, so a route learned for one benchmark spreads to "
                 "the others and is lost. Label-free. 0: off."})
-    rl_contrast_steps: int = field(default=2, metadata={"help": "Contrastive steps after each GRPO update."})
+    rl_contrast_steps: int = field(default=1, metadata={"help": "Contrastive steps after each GRPO update."})
     temperature: float = field(default=1.5, metadata={
         "help": "Sampling temperature of rollouts (= grpo.temperature). 1.5 on CPU: the routing of minority "
                 "benchmarks keeps being explored."})
@@ -118,7 +118,7 @@ class TrainConfig:
                 "distribution starts at p(a) ~ exp(-beta x min(call cost estimate / cost_scale, 2)) (output layer "
                 "only; action_prior / fit_action_prior), so RL starts from the cheap routes and moves to a dearer "
                 "one where the outcome pays for it (GRPO keeps the incumbent on ties). 0: off."})
-    start_uniform: bool = field(default=True, metadata={
+    start_uniform: bool = field(default=False, metadata={
         "help": "After the warm-up, fit the first call's target distribution to uniform (fit_action_prior with "
                 "the prior at strength 0; output layer only), so RL starts with no route preferred and, with "
                 "grpo.beta > 0, the KL reference (ckpt-0) is uniform over the routes: the KL term then keeps "

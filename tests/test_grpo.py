@@ -32,8 +32,8 @@ CHAT = ("{% for m in messages %}{{ '<' + m['role'] + '>' }}{{ m['content'] }}{% 
 def _cpu(**kw):
     """The CPU profile as these tests were written for: exact on-policy steps (mu = 1), the toy
     sampler's temperature 1.0, advantages scaled by the group's std, and plain GRPO's negative
-    advantages (the profile drops them, which the Maestro-Mini default needs with its
-    contrastive terms; without them the toy routing test below ended at 0.72, not > 0.8)."""
+    advantages (without them, as docs/results/contrast/configs/candidate.yaml trains, the toy
+    routing test below ended at 0.72, not > 0.8)."""
     return GRPOSettings.cpu_profile(**{"temperature": 1.0, "num_iterations": 1, "scale_rewards": "group",
                                        "negative_advantage_scale": 1.0, **kw})
 
