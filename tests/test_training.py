@@ -55,20 +55,48 @@ def test_validation_items_spread_over_benchmarks():
 def _action_states(reg, items, cfg: TrainConfig) -> dict:
     """The first action's state (after the prompt and `<call>`) of each item, by benchmark, for a
     policy built and warmed up by build_policy with `cfg`."""
-    import torch
-
     from maestro_core.episode import build_messages
     from maestro_core.training import build_policy
 
     msgs = [build_messages(reg, it, compact=True) for it in items]
     model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+    return _states_of(reg, items, model, tok, pol)
+
+
+def _states_of(reg, items, model, tok, pol) -> dict:
+    """The first action's state of each item under `model`, by benchmark."""
+    import torch
+
+    from maestro_core.episode import build_messages
+
     call = tok("<call>", add_special_tokens=False)["input_ids"]
     hs: dict = {}
-    for it, m in zip(items, msgs):
+    for it in items:
         with torch.no_grad():
-            h = model(torch.tensor([list(pol.encode_prompt(m)) + call]), output_hidden_states=True)
+            h = model(torch.tensor([list(pol.encode_prompt(build_messages(reg, it, compact=True))) + call]),
+                      output_hidden_states=True)
         hs.setdefault(it.benchmark, []).append(h.hidden_states[-1][0, -1])
     return hs
+
+
+def _four_kinds() -> list:
+    """Ten questions of each of four kinds (benchmarks arith, words, color, date)."""
+    kinds = {"arith": lambda i: f"What is {i} + {2 * i}?",
+             "words": lambda i: f"How many words are in '{' '.join(['ab'] * (i + 2))}' here?",
+             "color": lambda i: f"Which colour is item {i} in the picture?",
+             "date": lambda i: f"On which day of week was event {i} held?"}
+    return [Item(f"{k}{i}", k, f(i), "0", "exact") for k, f in kinds.items() for i in range(10)]
+
+
+def _centroid_cosine(hs: dict) -> float:
+    """Mean cosine between the benchmarks' centroids of `hs` (1: one vector for all)."""
+    import itertools
+
+    import torch
+
+    cents = [torch.stack(v).mean(0) for v in hs.values()]
+    pairs = list(itertools.combinations(cents, 2))
+    return sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
 
 
 def test_label_free_warm_up_makes_the_action_position_read_the_question():
@@ -95,26 +123,16 @@ def test_contrastive_warm_up_keeps_the_kinds_apart_at_the_action_position():
     """pretrain_contrast: with the contrastive term the first action's states of four kinds of
     question share less (the mean cosine between the kinds' centroids is lower) than with word
     prediction alone, at each seed tried; a negative weight is refused."""
-    import itertools
-
     import pytest
-    import torch
 
     from maestro_core.errors import ConfigError
 
     reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
-    kinds = {"arith": lambda i: f"What is {i} + {2 * i}?",
-             "words": lambda i: f"How many words are in '{' '.join(['ab'] * (i + 2))}' here?",
-             "color": lambda i: f"Which colour is item {i} in the picture?",
-             "date": lambda i: f"On which day of week was event {i} held?"}
-    items = [Item(f"{k}{i}", k, f(i), "0", "exact") for k, f in kinds.items() for i in range(10)]
+    items = _four_kinds()
 
     def centroid_cosine(contrast, seed):
-        hs = _action_states(reg, items, TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=100,
-                                                    seed=seed, pretrain_contrast=contrast))
-        cents = [torch.stack(v).mean(0) for v in hs.values()]
-        pairs = list(itertools.combinations(cents, 2))
-        return sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
+        return _centroid_cosine(_action_states(reg, items, TrainConfig(
+            hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=100, seed=seed, pretrain_contrast=contrast)))
 
     for seed in (0, 2):
         plain, contrast = centroid_cosine(0.0, seed), centroid_cosine(1.0, seed)
@@ -128,45 +146,24 @@ def test_contrast_regulariser_pulls_collapsed_states_apart():
     """ContrastRegulariser (rl_contrast_lr, the contrastive term kept during RL): from a policy
     whose first-action states of four kinds of question are nearly one vector, its steps lower
     the InfoNCE loss and the centroid cosine; it changes parameters; bad settings are refused."""
-    import itertools
-
     import pytest
     import torch
 
     from maestro_core.episode import build_messages
     from maestro_core.errors import ConfigError
-    from maestro_core.training import ContrastRegulariser, warmup_examples
+    from maestro_core.training import ContrastRegulariser, build_policy, warmup_examples
 
     reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
-    kinds = {"arith": lambda i: f"What is {i} + {2 * i}?",
-             "words": lambda i: f"How many words are in '{' '.join(['ab'] * (i + 2))}' here?",
-             "color": lambda i: f"Which colour is item {i} in the picture?",
-             "date": lambda i: f"On which day of week was event {i} held?"}
-    items = [Item(f"{k}{i}", k, f(i), "0", "exact") for k, f in kinds.items() for i in range(10)]
+    items = _four_kinds()
     cfg = TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=0, seed=1)
-
-    def centroid_cosine(model, tok, pol):
-        call = tok("<call>", add_special_tokens=False)["input_ids"]
-        hs: dict = {}
-        for it in items:
-            with torch.no_grad():
-                h = model(torch.tensor([list(pol.encode_prompt(build_messages(reg, it, compact=True))) + call]),
-                          output_hidden_states=True)
-            hs.setdefault(it.benchmark, []).append(h.hidden_states[-1][0, -1])
-        cents = [torch.stack(v).mean(0) for v in hs.values()]
-        pairs = list(itertools.combinations(cents, 2))
-        return sum(float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
-
-    from maestro_core.training import build_policy
-
     msgs = [build_messages(reg, it, compact=True) for it in items]
     model, tok, pol = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
-    before = centroid_cosine(model, tok, pol)
+    before = _centroid_cosine(_states_of(reg, items, model, tok, pol))
     w0 = [p.detach().clone() for p in model.parameters()]
     torch.manual_seed(0)
     reg_c = ContrastRegulariser(model, tok, warmup_examples(tok, msgs), lr=1e-3, steps=2, seed=1)
     losses = [reg_c.step(i) for i in range(40)]
-    after = centroid_cosine(model, tok, pol)
+    after = _centroid_cosine(_states_of(reg, items, model, tok, pol))
     print(f"centroid cosine {before:.3f} -> {after:.3f}; loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f}")
     assert sum(losses[-5:]) / 5 < losses[0] - 0.3
     assert after < before - 0.1
