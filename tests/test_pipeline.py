@@ -187,8 +187,12 @@ def test_build_dataset_is_cached_on_its_inputs_and_the_stores_content(tmp_path, 
 
     from prefect import flow
     from tasks import build_dataset
+    import uuid
+
     cfg = {"benchmarks": ["math"], "train_per_benchmark": 2, "val_per_benchmark": 1, "test_per_benchmark": 1}
-    home = str(tmp_path / "home")
+    # a home path no earlier session used: Prefect's result cache outlives the test session, and
+    # pytest can hand out a tmp_path again once an earlier one is gone
+    home = str(tmp_path / f"home-{uuid.uuid4().hex[:12]}")
 
     @flow
     def three(home=None):
