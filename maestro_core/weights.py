@@ -385,6 +385,12 @@ def prepare_models(backends: Iterable[Mapping[str, Any]], store: Path | None = N
     the transformers backend settings name; other backends are skipped. What is there already
     is kept. Returns the converted folders, one per GGUF file."""
     store = prepared_models_dir() if store is None else Path(store)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeightsError(f"cannot create the prepared-models folder '{store}': {e}. Fix: run it as the user "
+                           "who owns the environment, or pass --out DIR (and set MAESTRO_MODELS=DIR for the "
+                           "commands that load the models).") from e
     folders: dict[Path, Path] = {}
     for settings in backends:
         if not (settings.get("assemble") or settings.get("gguf_file")):

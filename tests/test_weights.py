@@ -222,3 +222,10 @@ def test_prepared_store_holds_the_assembled_gguf(tmp_path: Path, _own_models_dir
     assert assembled_gguf(GEMMA, home) == prepared / f"{GEMMA}.gguf"
     assert resolve_model({"assemble": GEMMA}, home).gguf == prepared / f"{GEMMA}.gguf"
     assert not (home / "models").exists()
+
+
+def test_prepare_models_names_the_fix_when_the_store_cannot_be_made(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(WeightsError, match="cannot create the prepared-models folder.*--out DIR"):
+        prepare_models([{"assemble": GEMMA}], blocker / "models")
