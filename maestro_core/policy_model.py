@@ -3,6 +3,7 @@
     model = build_tiny_model(tokenizer, hidden=256, layers=4, heads=4, seed=0)
     model.save_pretrained(path); tokenizer.save_pretrained(path)
     model, tokenizer = load_policy_model(path), load_policy_tokenizer(path)
+    init_input_embeddings(model, projected_embeddings(source_folder, hidden=256))  # a pretrained vocabulary
 """
 
 from __future__ import annotations
@@ -32,6 +33,57 @@ def build_tiny_model(tokenizer, hidden: int = 256, layers: int = 4, heads: int =
     finally:
         torch.random.set_rng_state(state)
     return model.eval()
+
+
+def projected_embeddings(folder: str | Path, hidden: int, scale: float = 1.0):
+    """The input embedding matrix of the causal LM saved in `folder` (safetensors), centred and
+    projected on its `hidden` leading principal components, then scaled so that its entries
+    have standard deviation `scale` (one factor for the whole matrix: the geometry between
+    words is kept). Rows are the source tokenizer's ids."""
+    import torch
+    from safetensors import safe_open
+
+    from maestro_core.errors import ConfigError
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            names = [k for k in st.keys() if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
+            if names:
+                matrix = st.get_tensor(names[0]).float()
+                break
+    else:
+        raise ConfigError(f"no input embedding (...embed_tokens.weight) in the safetensors files of '{folder}'.",
+                          field="vocab_from", fix="name a causal LM folder saved with save_pretrained, or an "
+                                                 "expert whose backend is a transformers LM (expert:NAME).")
+    if hidden > min(matrix.shape):
+        raise ConfigError(f"hidden {hidden} is wider than the source embeddings {tuple(matrix.shape)}.",
+                          field="hidden", fix=f"use hidden <= {min(matrix.shape)} with this vocab_from.")
+    centred = matrix - matrix.mean(0, keepdim=True)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # pca_lowrank is randomised
+    try:
+        _, _, v = torch.pca_lowrank(centred, q=hidden, center=False, niter=4)
+    finally:
+        torch.random.set_rng_state(state)
+    out = centred @ v[:, :hidden]
+    return out * (scale / out.std().clamp_min(1e-12))
+
+
+def init_input_embeddings(model, vectors, scale: float = 1.0, seed: int = 0) -> None:
+    """Rows [0, len(vectors)) of the model's input embedding become `vectors`; the rows after
+    them (tokens added to the source vocabulary: specials, tags, actions) are drawn at the same
+    scale (seeded)."""
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    n = vectors.shape[0]
+    if vectors.shape[1] != emb.shape[1] or n > emb.shape[0]:
+        raise ValueError(f"vectors {tuple(vectors.shape)} do not fit the embedding {tuple(emb.shape)}.")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb[:n] = vectors.to(emb.dtype)
+        emb[n:] = torch.randn(emb.shape[0] - n, emb.shape[1], generator=gen).to(emb.dtype) * scale
 
 
 DEVICE_ENV = "MAESTRO_POLICY_DEVICE"

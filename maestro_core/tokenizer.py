@@ -1,6 +1,7 @@
 """The learned policy's tokenizer: a small byte-level BPE trained locally in seconds.
 
     tok = train_policy_tokenizer(policy_corpus(registry), extra_tokens=policy_extra_tokens(registry))
+    tok = pretrained_policy_tokenizer(folder, extra_tokens=policy_extra_tokens(registry))  # or a pretrained vocabulary
     tok.save_pretrained(path); tok = load_policy_tokenizer(path)
 
 Special tokens: `<|bos|>`, `<|end|>` (the EOS: it ends every chat turn), `<|pad|>` and the
@@ -60,7 +61,7 @@ def train_policy_tokenizer(texts: Sequence[str], vocab_size: int = 2048, extra_t
     """Train a byte-level BPE on `texts`; add specials, protocol tags and `extra_tokens`
     (e.g. `policy_extra_tokens(registry)`) as single tokens; set the chat template.
     `protocol_tokens=False` leaves the tags to BPE (multi-token tags, for tests)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [BOS, EOS, PAD, *ROLE_TOKENS]
@@ -70,12 +71,7 @@ def train_policy_tokenizer(texts: Sequence[str], vocab_size: int = 2048, extra_t
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
-    added, seen = [], set(specials)
-    for t in (*(PROTOCOL_TAGS if protocol_tokens else ()), *extra_tokens):
-        if t not in seen:
-            seen.add(t)
-            added.append(AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                    special=False))
+    added = _policy_tokens(extra_tokens, protocol_tokens)
     if added:
         tok.add_tokens(added)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
@@ -83,6 +79,37 @@ def train_policy_tokenizer(texts: Sequence[str], vocab_size: int = 2048, extra_t
                                    padding_side="left")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _policy_tokens(extra_tokens: Iterable[str], protocol_tokens: bool = True) -> list:
+    """The protocol tags (unless `protocol_tokens` is False) and `extra_tokens`, as single added
+    tokens (not special: they survive `decode`), for the tokenizers' `add_tokens`."""
+    from tokenizers import AddedToken
+
+    added, seen = [], {BOS, EOS, PAD, *ROLE_TOKENS}
+    for t in (*(PROTOCOL_TAGS if protocol_tokens else ()), *extra_tokens):
+        if t not in seen:
+            seen.add(t)
+            added.append(AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                    special=False))
+    return added
+
+
+def pretrained_policy_tokenizer(path: str | Path, extra_tokens: Iterable[str] = ()):
+    """A pretrained model's tokenizer (its vocabulary and merges unchanged, so token i is row i of
+    that model's embedding matrix) with this policy's conventions added after its vocabulary:
+    the specials, role markers, protocol tags and `extra_tokens` as tokens of their own, the
+    chat template, left padding. Words the suite never uses keep their pretrained ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                            "additional_special_tokens": list(ROLE_TOKENS)})
+    tok.add_tokens(_policy_tokens(extra_tokens))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    tok.clean_up_tokenization_spaces = False
+    return tok
 
 
 def load_policy_tokenizer(path: str | Path):

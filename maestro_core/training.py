@@ -48,6 +48,15 @@ class TrainConfig:
                 "the catalogue of every prompt, and with a shared matrix each RL step on an action moved the "
                 "prompt's representation for every benchmark."})
     vocab_size: int = field(default=2048, metadata={"help": "Policy tokenizer size (trained on the suite)."})
+    vocab_from: str = field(default="", metadata={
+        "help": "'' (default): the policy's byte-level BPE is trained on the suite's texts (vocab_size). "
+                "'expert:NAME': the tokenizer of that registry expert's transformers LM (e.g. "
+                "expert:smollm2-135m), and its input embeddings, projected on their `hidden` leading principal "
+                "components, as the policy's; or a local model folder. Words the suite never uses then start "
+                "where the pretrained model puts them."})
+    vocab_scale: float = field(default=1.0, metadata={
+        "help": "With vocab_from: standard deviation of the projected embeddings (one factor for the whole "
+                "matrix)."})
     call_input: str = field(default="question", metadata={
         "help": "'question': a call forwards the task's question (the policy routes; the CPU default, whose "
                 "~5M-parameter policy cannot write useful inputs); 'free': it may also write the input."})
@@ -182,6 +191,9 @@ class TrainConfig:
         if not (self.cost_prior >= 0):
             raise ConfigError(f"cost_prior must be >= 0, got {self.cost_prior}.", field="cost_prior",
                               fix="use 0 (off) or a positive strength such as 2.")
+        if not (0.0 < self.vocab_scale < float("inf")):
+            raise ConfigError(f"vocab_scale {self.vocab_scale} must be finite and > 0.", field="vocab_scale",
+                              fix="use e.g. 1.0.")
         if not (0.0 <= self.hidden_cost_lambda < float("inf")):
             raise ConfigError(f"hidden_cost_lambda {self.hidden_cost_lambda} must be finite and >= 0.",
                               field="hidden_cost_lambda", fix="use e.g. 1.0, or 0 to switch it off.")
@@ -297,10 +309,12 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
             batch.append(p + [q[rng.randrange(len(q))]])
             where.append(spans[k])
         ids, att = _right_padded(batch, pad)
-        labels = torch.full(ids.shape, -100, dtype=torch.long)
-        for i, b in enumerate(batch):
-            labels[i, len(b) - 1] = b[-1]
-        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        # the next-token loss at each row's last position only: logits for that position alone
+        # (the whole sequence's would be batch x length x vocabulary, large for a pretrained vocabulary)
+        out = model(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1)
+        h = out.hidden_states[-1][torch.arange(len(batch)), torch.tensor([len(b) - 2 for b in batch])]
+        loss = torch.nn.functional.cross_entropy(model.get_output_embeddings()(h).float(),
+                                                 torch.tensor([b[-1] for b in batch]))
         if contrast > 0:
             loss = loss + contrast * _contrast_loss(model, [b[:-1] for b in batch], pad, rng, where, pool)
         opt.zero_grad()
@@ -425,7 +439,7 @@ def _contrast_loss(model, prompts: Sequence[list[int]], pad: int, rng: random.Ra
 
     views = [_noisy_view(p, span, rng, pool) for _ in range(2) for p, span in zip(prompts, spans)]
     ids, att = _right_padded(views, pad)
-    out = model(input_ids=ids, attention_mask=att, output_hidden_states=True)
+    out = model(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1)  # states only
     last = torch.tensor([len(v) - 1 for v in views])
     h = torch.nn.functional.normalize(out.hidden_states[-1][torch.arange(len(views)), last], dim=-1)
     b = len(prompts)
@@ -480,7 +494,7 @@ def fit_action_prior(model, tokenizer, prompts: Sequence[str], actions: Sequence
                 ids[i, n - len(b):] = torch.tensor(b)
                 att[i, n - len(b):] = 1
             pos = (att.cumsum(-1) - 1).clamp_min(0)
-            logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -1, :].float()
+            logits = model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1, :].float()
             logp = torch.log_softmax(logits[:, idx], dim=-1)
             kl = (target * (target.clamp_min(1e-12).log() - logp)).sum(-1).mean()
             opt.zero_grad()
@@ -511,6 +525,27 @@ def warmup_examples(tokenizer, messages: Sequence[Sequence[dict]]) -> list[tuple
             for m in messages]
 
 
+def vocab_source(spec: str, registry: Registry) -> Path:
+    """The model folder `train.vocab_from` names: 'expert:NAME' -> that expert's transformers
+    LM (a GGUF file: its converted copy), else a local folder."""
+    from maestro_core.weights import converted_gguf, resolve_model
+
+    if spec.startswith("expert:"):
+        name = spec.split(":", 1)[1]
+        expert = registry.experts.get(name)
+        if expert is None or expert.kind != "transformers":
+            lms = sorted(n for n, e in registry.experts.items() if e.kind == "transformers")
+            raise ConfigError(f"vocab_from '{spec}': no transformers expert '{name}' in registry '{registry.name}'.",
+                              field="vocab_from", fix=f"use one of {['expert:' + n for n in lms]} or a model folder.")
+        source = resolve_model(expert.backend)
+        return converted_gguf(source.gguf) if source.gguf is not None else Path(str(source.model))
+    if not Path(spec).is_dir():
+        raise ConfigError(f"vocab_from '{spec}' is not a folder.", field="vocab_from",
+                          fix="name a local model folder (config.json, safetensors weights, tokenizer) or "
+                              "expert:NAME for a registry LM expert.")
+    return Path(spec)
+
+
 def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None,
                  messages: Sequence[Sequence[dict]] = ()):
     """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
@@ -519,13 +554,21 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
     `config.cost_prior` or `config.start_uniform`, its first call's targets fitted to the price
     prior or to uniform (fit_action_prior)."""
     from maestro_core.lm_policy import LMPolicy
-    from maestro_core.policy_model import build_tiny_model
-    from maestro_core.tokenizer import policy_corpus, policy_extra_tokens, train_policy_tokenizer
+    from maestro_core.policy_model import build_tiny_model, init_input_embeddings, projected_embeddings
+    from maestro_core.tokenizer import (policy_corpus, policy_extra_tokens, pretrained_policy_tokenizer,
+                                        train_policy_tokenizer)
 
-    tok = train_policy_tokenizer(policy_corpus(registry, texts), vocab_size=config.vocab_size,
-                                 extra_tokens=policy_extra_tokens(registry))
+    if config.vocab_from:
+        folder = vocab_source(config.vocab_from, registry)
+        tok = pretrained_policy_tokenizer(folder, extra_tokens=policy_extra_tokens(registry))
+    else:
+        tok = train_policy_tokenizer(policy_corpus(registry, texts), vocab_size=config.vocab_size,
+                                     extra_tokens=policy_extra_tokens(registry))
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed,
                              tie_embeddings=config.tie_embeddings)
+    if config.vocab_from:
+        init_input_embeddings(model, projected_embeddings(folder, config.hidden, config.vocab_scale),
+                              scale=config.vocab_scale, seed=config.seed)
     if (config.pretrain_steps or config.cost_prior or config.start_uniform) and messages:
         import torch
         examples = warmup_examples(tok, messages)

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from maestro_core.dataset import Item
+from maestro_core.errors import ConfigError
 from maestro_core.experts import build_experts
 from maestro_core.grpo import GRPOSettings
 from maestro_core.registry import parse_registry
@@ -342,3 +345,43 @@ def test_a_hidden_cost_weight_prices_the_reward_without_a_prompt_line(registry_d
         TrainConfig(hidden_cost_lambda=1.0, cost_lambdas=(0.5,))
     with pytest.raises(ConfigError, match="hidden_cost_lambda"):
         TrainConfig(hidden_cost_lambda=-1.0)
+
+
+@pytest.mark.slow
+def test_a_pretrained_vocabulary_keeps_its_ids_and_its_embedding_geometry():
+    """train.vocab_from: the policy takes an LM expert's tokenizer (SmolLM2's ids unchanged, the
+    policy's specials, tags and actions added as single tokens, text round-trips) and its input
+    embeddings projected on `hidden` principal components, which keep which words are near."""
+    import torch
+
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.tokenizer import load_policy_tokenizer
+    from maestro_core.training import build_policy, vocab_source
+
+    reg = load_registry(DEFAULT_REGISTRY)
+    folder = vocab_source("expert:smollm2-135m", reg)
+    source = load_policy_tokenizer(folder)
+    model, tok, _ = build_policy(reg, [], TrainConfig(vocab_from="expert:smollm2-135m", hidden=64, layers=1, heads=2,
+                                                      pretrain_steps=0))
+    text = "Name the handwritten digit in this picture. What is 2.1 - 1.47?"
+    assert tok(text, add_special_tokens=False)["input_ids"] == source(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    for action in reg.grammar().actions:
+        assert len(tok(action, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.apply_chat_template([{"role": "user", "content": "Q?"}], tokenize=False,
+                                   add_generation_prompt=True) == "<|bos|><|user|>Q?<|end|><|assistant|>"
+
+    emb = model.get_input_embeddings().weight.detach()
+    assert emb.shape == (len(tok), 64) and abs(float(emb[:len(source)].std()) - 1.0) < 0.01
+
+    def nearest(word: str, among: list[str]) -> str:
+        ids = [source.convert_tokens_to_ids(w) for w in [word, *among]]
+        v = torch.nn.functional.normalize(emb[ids], dim=-1)
+        return among[int((v[1:] @ v[0]).argmax())]
+
+    assert nearest("Ġlargest", ["Ġhighest", "Ġtitle", "Ġcompute", "Ġprinted"]) == "Ġhighest"
+    assert nearest("Ġwritten", ["Ġprinted", "Ġlargest", "Ġcompute", "Ġtitle"]) == "Ġprinted"
+    with pytest.raises(ConfigError, match="no transformers expert 'calc'.*expert:smollm2-135m"):
+        vocab_source("expert:calc", reg)
+    with pytest.raises(ConfigError, match="not a folder"):
+        vocab_source("/no/such/model", reg)
