@@ -35,8 +35,9 @@ def build_tiny_model(tokenizer, hidden: int = 256, layers: int = 4, heads: int =
     return model.eval()
 
 
-def projected_embeddings(folder: str | Path, hidden: int, scale: float = 1.0):
-    """The input embedding matrix of the causal LM saved in `folder` (safetensors), centred and
+def projected_embeddings(folder: str | Path, hidden: int, scale: float = 1.0, rows: int = 0):
+    """The input embedding matrix of the causal LM saved in `folder` (safetensors; its first
+    `rows` rows when `rows` > 0, the tokens a cut vocabulary keeps), centred and
     projected on its `hidden` leading principal components, then scaled so that its entries
     have standard deviation `scale` (one factor for the whole matrix: the geometry between
     words is kept). Rows are the source tokenizer's ids."""
@@ -51,6 +52,7 @@ def projected_embeddings(folder: str | Path, hidden: int, scale: float = 1.0):
             names = [k for k in st.keys() if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
             if names:
                 matrix = st.get_tensor(names[0]).float()
+                matrix = matrix[:rows] if rows > 0 else matrix
                 break
     else:
         raise ConfigError(f"no input embedding (...embed_tokens.weight) in the safetensors files of '{folder}'.",

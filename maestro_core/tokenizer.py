@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from maestro_core.errors import ConfigError
 from maestro_core.protocol import PROTOCOL_TEXT
 from maestro_core.registry import Registry
 
@@ -95,21 +96,41 @@ def _policy_tokens(extra_tokens: Iterable[str], protocol_tokens: bool = True) ->
     return added
 
 
-def pretrained_policy_tokenizer(path: str | Path, extra_tokens: Iterable[str] = ()):
-    """A pretrained model's tokenizer (its vocabulary and merges unchanged, so token i is row i of
-    that model's embedding matrix) with this policy's conventions added after its vocabulary:
-    the specials, role markers, protocol tags and `extra_tokens` as tokens of their own, the
-    chat template, left padding. Words the suite never uses keep their pretrained ids."""
-    from transformers import AutoTokenizer
+def pretrained_policy_tokenizer(path: str | Path, extra_tokens: Iterable[str] = (), max_vocab: int = 0):
+    """A pretrained model's byte-level BPE tokenizer with this policy's conventions added after
+    its vocabulary: the specials, role markers, protocol tags and `extra_tokens` as tokens of
+    their own, the chat template, left padding. Token i < `max_vocab` keeps its pretrained id (so
+    it is row i of that model's embedding matrix); with `max_vocab` > 0 the vocabulary is cut to
+    its first `max_vocab` tokens (the earliest merges, the most frequent pieces) and the merges
+    that build the rest are dropped, so rarer words split into more pieces. 0: all of it."""
+    import json
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    tok.add_special_tokens({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-                            "additional_special_tokens": list(ROLE_TOKENS)})
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    source = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    data = json.loads(source.backend_tokenizer.to_str())
+    if data["model"].get("type") != "BPE":
+        raise ConfigError(f"the tokenizer of '{path}' is {data['model'].get('type')}, not a byte-level BPE.",
+                          field="vocab_from", fix="name a model with a byte-level BPE tokenizer (Llama-3, "
+                                                  "SmolLM2, Qwen2 class), or leave vocab_from empty.")
+    if max_vocab > 0:
+        vocab = {t: i for t, i in data["model"]["vocab"].items() if i < max_vocab}
+        merges = []
+        for m in data["model"]["merges"]:
+            a, b = m if isinstance(m, list) else m.split(" ", 1)
+            if a in vocab and b in vocab and a + b in vocab:
+                merges.append(m)
+        data["model"]["vocab"], data["model"]["merges"] = vocab, merges
+        data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < max_vocab]
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_special_tokens([BOS, EOS, PAD, *ROLE_TOKENS])
     tok.add_tokens(_policy_tokens(extra_tokens))
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    tok.clean_up_tokenization_spaces = False
-    return tok
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=list(ROLE_TOKENS), clean_up_tokenization_spaces=False,
+                                   padding_side="left")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def load_policy_tokenizer(path: str | Path):

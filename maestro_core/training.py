@@ -47,7 +47,10 @@ class TrainConfig:
         "help": "Share the input embedding with the output layer. Off on CPU: the action tokens also appear in "
                 "the catalogue of every prompt, and with a shared matrix each RL step on an action moved the "
                 "prompt's representation for every benchmark."})
-    vocab_size: int = field(default=2048, metadata={"help": "Policy tokenizer size (trained on the suite)."})
+    vocab_size: int = field(default=2048, metadata={
+        "help": "Policy tokenizer size: trained on the suite, or with vocab_from the pretrained vocabulary cut to "
+                "its first vocab_size tokens (0: all of it; every token's logit is computed in each update, so a "
+                "49k vocabulary makes a CPU update ~20x slower)."})
     vocab_from: str = field(default="", metadata={
         "help": "'' (default): the policy's byte-level BPE is trained on the suite's texts (vocab_size). "
                 "'expert:NAME': the tokenizer of that registry expert's transformers LM (e.g. "
@@ -560,14 +563,16 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
 
     if config.vocab_from:
         folder = vocab_source(config.vocab_from, registry)
-        tok = pretrained_policy_tokenizer(folder, extra_tokens=policy_extra_tokens(registry))
+        tok = pretrained_policy_tokenizer(folder, extra_tokens=policy_extra_tokens(registry),
+                                          max_vocab=config.vocab_size)
     else:
         tok = train_policy_tokenizer(policy_corpus(registry, texts), vocab_size=config.vocab_size,
                                      extra_tokens=policy_extra_tokens(registry))
     model = build_tiny_model(tok, hidden=config.hidden, layers=config.layers, heads=config.heads, seed=config.seed,
                              tie_embeddings=config.tie_embeddings)
     if config.vocab_from:
-        init_input_embeddings(model, projected_embeddings(folder, config.hidden, config.vocab_scale),
+        init_input_embeddings(model, projected_embeddings(folder, config.hidden, config.vocab_scale,
+                                                          rows=config.vocab_size),
                               scale=config.vocab_scale, seed=config.seed)
     if (config.pretrain_steps or config.cost_prior or config.start_uniform) and messages:
         import torch

@@ -361,8 +361,8 @@ def test_a_pretrained_vocabulary_keeps_its_ids_and_its_embedding_geometry():
     reg = load_registry(DEFAULT_REGISTRY)
     folder = vocab_source("expert:smollm2-135m", reg)
     source = load_policy_tokenizer(folder)
-    model, tok, _ = build_policy(reg, [], TrainConfig(vocab_from="expert:smollm2-135m", hidden=64, layers=1, heads=2,
-                                                      pretrain_steps=0))
+    model, tok, _ = build_policy(reg, [], TrainConfig(vocab_from="expert:smollm2-135m", vocab_size=0, hidden=64,
+                                                      layers=1, heads=2, pretrain_steps=0))
     text = "Name the handwritten digit in this picture. What is 2.1 - 1.47?"
     assert tok(text, add_special_tokens=False)["input_ids"] == source(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
@@ -381,6 +381,14 @@ def test_a_pretrained_vocabulary_keeps_its_ids_and_its_embedding_geometry():
 
     assert nearest("Ġlargest", ["Ġhighest", "Ġtitle", "Ġcompute", "Ġprinted"]) == "Ġhighest"
     assert nearest("Ġwritten", ["Ġprinted", "Ġlargest", "Ġcompute", "Ġtitle"]) == "Ġprinted"
+
+    # cut to its first 8192 tokens: rarer words split into more pieces, the text still round-trips
+    small, cut, _ = build_policy(reg, [], TrainConfig(vocab_from="expert:smollm2-135m", vocab_size=8192, hidden=64,
+                                                      layers=1, heads=2, pretrain_steps=0))
+    ids = cut(text, add_special_tokens=False)["input_ids"]
+    assert cut.decode(ids) == text and max(ids) < 8192 < len(cut) < 8192 + 50
+    assert len(ids) > len(source(text, add_special_tokens=False)["input_ids"])  # "handwritten", "digit" in pieces
+    assert small.get_input_embeddings().weight.shape == (len(cut), 64)
     with pytest.raises(ConfigError, match="no transformers expert 'calc'.*expert:smollm2-135m"):
         vocab_source("expert:calc", reg)
     with pytest.raises(ConfigError, match="not a folder"):
