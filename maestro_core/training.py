@@ -551,7 +551,9 @@ def vocab_source(spec: str, registry: Registry) -> Path:
 
 def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, *, temperature: float | None = None,
                  messages: Sequence[Sequence[dict]] = ()):
-    """A fresh tokenizer (trained on `texts`) and a random-init policy model from a config,
+    """A fresh tokenizer (trained on `texts`; with `config.vocab_from`, a pretrained LM's cut to
+    `config.vocab_size`, whose input embeddings, projected, start the model's) and a random-init
+    policy model from a config,
     warmed up for `config.pretrain_steps` steps (pretrain_reader) on the first-turn prompts of
     `messages` (system catalogue + user question, as the policy will read them), then, with
     `config.cost_prior` or `config.start_uniform`, its first call's targets fitted to the price
