@@ -127,6 +127,14 @@ class GRPOSettings:
                                               "with exploration, whose draws are mostly poor, that push keeps a "
                                               "saturated route in place on every prompt that shares its features.",
                                          trl=False)
+    score_policy_tokens_only: bool = _f(False, "In the loss pass, compute the output layer over the vocabulary only "
+                                               "at the tokens the loss reads (completion_mask x tool_mask: the "
+                                               "policy's own, unforced tokens), not at every completion token: the "
+                                               "observations are most of each completion, and without Triton (CPU) "
+                                               "TRL's fused head scores every position, so the update's cost grows "
+                                               "with the vocabulary (train.vocab_from). The log-probs where the loss "
+                                               "reads them are the same; elsewhere they are 0.",
+                                         trl=False)
     propensity_cap: float | None = _f(None, "Weights each episode's advantage by 1 / its sampling probability (the "
                                            "product of the recorded probabilities of its unforced policy tokens: "
                                            "the routing choice), capped here, taken against the weighted group "
@@ -628,6 +636,7 @@ def _make_trainer(settings: GRPOSettings, tokenizer: Any, **kw: Any) -> Any:
                                         peft_config=settings.lora_config(), **kw)
     trainer.negative_advantage_scale = settings.negative_advantage_scale
     trainer.propensity_cap = settings.propensity_cap
+    trainer.score_policy_tokens_only = settings.score_policy_tokens_only and settings.lora_config() is None
     _quiet(trainer)
     return trainer
 
@@ -647,6 +656,24 @@ def propensity_weighted(advantages: Any, sampling_logps: Any, tool_mask: Any, gr
     return ((a - base) * w / w.mean(-1, keepdim=True)).view(-1).to(advantages.dtype)
 
 
+def policy_token_logps(model: Any, input_ids: Any, attention_mask: Any, mask: Any, temperature: float,
+                       compute_entropy: bool = False) -> tuple[Any, Any]:
+    """Log-probs (and entropies) of the last `mask.size(1)` tokens of `input_ids` under `model`
+    at `temperature`, with the output layer applied only where `mask` is True (0 elsewhere):
+    the backbone runs on the whole sequence, the vocabulary projection on the masked positions."""
+    n = mask.size(1)
+    states = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state[:, -n - 1:-1]  # position t predicts t + 1
+    logp = (model.get_output_embeddings()(states[mask]).float() / temperature).log_softmax(-1)
+    picked = logp.gather(-1, input_ids[:, -n:][mask].unsqueeze(-1)).squeeze(-1)
+    logps = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
+    entropies = None
+    if compute_entropy:
+        ent = -(logp.exp() * logp).sum(-1)
+        entropies = ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+    return logps, entropies
+
+
 @functools.cache
 def _base_trainer_class() -> type:
     from trl import GRPOTrainer
@@ -655,10 +682,36 @@ def _base_trainer_class() -> type:
         """GRPOTrainer whose advantages can be re-weighted by the episodes' sampling
         probabilities (`propensity_cap`) and whose negative advantages can be scaled
         (`negative_advantage_scale`), both from GRPOSettings; at the defaults (None, 1) TRL's
-        advantages are left as they are."""
+        advantages are left as they are. With `score_policy_tokens_only` the loss pass projects
+        onto the vocabulary only the tokens the loss reads (`policy_token_logps`)."""
 
         negative_advantage_scale: float = 1.0
         propensity_cap: float | None = None
+        score_policy_tokens_only: bool = False
+        _score_mask: Any = None
+
+        def _compute_loss(self, model: Any, inputs: dict) -> Any:
+            if self.score_policy_tokens_only and inputs.get("tool_mask") is not None:
+                self._score_mask = (inputs["completion_mask"] * inputs["tool_mask"]).bool()
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._score_mask = None
+
+        def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Any, attention_mask: Any,
+                                               logits_to_keep: int, batch_size: int | None = None,
+                                               compute_entropy: bool = False, compute_aux_loss: bool = False,
+                                               **kwargs: Any):
+            mask = self._score_mask
+            if (mask is None or compute_aux_loss or any(v is not None for v in kwargs.values())
+                    or tuple(mask.shape) != (input_ids.size(0), logits_to_keep)):
+                return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                  batch_size, compute_entropy, compute_aux_loss,
+                                                                  **kwargs)
+            with self.accelerator.autocast():
+                logps, entropies = policy_token_logps(model, input_ids, attention_mask, mask, self.temperature,
+                                                      compute_entropy)
+            return logps, entropies, None
 
         def _generate_and_score_completions(self, *args: Any, **kwargs: Any) -> dict:
             out = super()._generate_and_score_completions(*args, **kwargs)

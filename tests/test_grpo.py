@@ -563,3 +563,33 @@ def test_update_from_stored_episodes(tok, tmp_path):
     assert a["completion_ids"] == b["completion_ids"] and a["env_mask"] == b["env_mask"]
     res = grpo_update(model, tok, stored, _cpu(num_generations=4), str(tmp_path / "out"))
     assert res.params_changed and res.mean_reward == sum(t.reward for t in trajs) / len(trajs)
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_scoring_only_the_policy_tokens_gives_the_same_update(tok, tmp_path, monkeypatch, mu):
+    """score_policy_tokens_only: the loss pass projects onto the vocabulary only the tokens the
+    loss reads (policy_token_logps), and the update is the one TRL's full scoring gives."""
+    import maestro_core.grpo as grpo
+    from maestro_core.grpo import GRPOUpdater
+
+    calls = []
+    real = grpo.policy_token_logps
+
+    def counted(model, input_ids, attention_mask, mask, *args):
+        calls.append((int(mask.sum()), mask.numel()))
+        return real(model, input_ids, attention_mask, mask, *args)
+
+    monkeypatch.setattr(grpo, "policy_token_logps", counted)
+    trajs = Toy(tok, make_model(tok)).collect(0, range(K), 4)
+    params = {}
+    for only in (False, True):
+        model = make_model(tok)
+        settings = _cpu(num_generations=4, per_device_train_batch_size=8, learning_rate=1e-3, num_iterations=mu,
+                        score_policy_tokens_only=only)
+        res = GRPOUpdater(model, tok, settings, str(tmp_path / str(only)), len(trajs)).update(trajs)
+        assert res.params_changed
+        params[only] = [p.detach().clone() for p in model.parameters()]
+        assert bool(calls) == only  # the full scoring without the setting, the masked one with it
+    assert all(n < total for n, total in calls)  # observation tokens were left out
+    for a, b in zip(params[False], params[True]):  # float noise only (Adam's steps are ~1e-3 here: a wrong
+        assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())  # position or token shows)
