@@ -63,7 +63,6 @@ def train_policy_tokenizer(texts: Sequence[str], vocab_size: int = 2048, extra_t
     (e.g. `policy_extra_tokens(registry)`) as single tokens; set the chat template.
     `protocol_tokens=False` leaves the tags to BPE (multi-token tags, for tests)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     specials = [BOS, EOS, PAD, *ROLE_TOKENS]
     tok = Tokenizer(models.BPE())
@@ -75,6 +74,14 @@ def train_policy_tokenizer(texts: Sequence[str], vocab_size: int = 2048, extra_t
     added = _policy_tokens(extra_tokens, protocol_tokens)
     if added:
         tok.add_tokens(added)
+    return _policy_fast(tok)
+
+
+def _policy_fast(tok):
+    """The transformers tokenizer around `tok` (a tokenizers.Tokenizer holding the specials):
+    the policy's BOS/EOS/PAD and role markers, left padding, the chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=list(ROLE_TOKENS), clean_up_tokenization_spaces=False,
                                    padding_side="left")
@@ -106,7 +113,7 @@ def pretrained_policy_tokenizer(path: str | Path, extra_tokens: Iterable[str] = 
     import json
 
     from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     source = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     data = json.loads(source.backend_tokenizer.to_str())
@@ -126,11 +133,7 @@ def pretrained_policy_tokenizer(path: str | Path, extra_tokens: Iterable[str] = 
     tok = Tokenizer.from_str(json.dumps(data))
     tok.add_special_tokens([BOS, EOS, PAD, *ROLE_TOKENS])
     tok.add_tokens(_policy_tokens(extra_tokens))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   additional_special_tokens=list(ROLE_TOKENS), clean_up_tokenization_spaces=False,
-                                   padding_side="left")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return _policy_fast(tok)
 
 
 def load_policy_tokenizer(path: str | Path):

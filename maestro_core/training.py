@@ -531,7 +531,7 @@ def warmup_examples(tokenizer, messages: Sequence[Sequence[dict]]) -> list[tuple
 def vocab_source(spec: str, registry: Registry) -> Path:
     """The model folder `train.vocab_from` names: 'expert:NAME' -> that expert's transformers
     LM (a GGUF file: its converted copy), else a local folder."""
-    from maestro_core.weights import converted_gguf, resolve_model
+    from maestro_core.weights import resolve_model
 
     if spec.startswith("expert:"):
         name = spec.split(":", 1)[1]
@@ -540,8 +540,7 @@ def vocab_source(spec: str, registry: Registry) -> Path:
             lms = sorted(n for n, e in registry.experts.items() if e.kind == "transformers")
             raise ConfigError(f"vocab_from '{spec}': no transformers expert '{name}' in registry '{registry.name}'.",
                               field="vocab_from", fix=f"use one of {['expert:' + n for n in lms]} or a model folder.")
-        source = resolve_model(expert.backend)
-        return converted_gguf(source.gguf) if source.gguf is not None else Path(str(source.model))
+        return Path(resolve_model(expert.backend).loadable())
     if not Path(spec).is_dir():
         raise ConfigError(f"vocab_from '{spec}' is not a folder.", field="vocab_from",
                           fix="name a local model folder (config.json, safetensors weights, tokenizer) or "

@@ -199,6 +199,11 @@ class ModelSource:
     def describe(self) -> str:
         return f"GGUF file '{self.gguf}'" if self.gguf else f"'{self.model}'"
 
+    def loadable(self) -> str:
+        """What `from_pretrained` takes: the converted copy of the GGUF file (`converted_gguf`,
+        a local folder), else the hub id or folder."""
+        return str(converted_gguf(self.gguf)) if self.gguf is not None else str(self.model)
+
 
 def resolve_model(settings: Mapping[str, Any], home: Path | None = None, *,
                   local_files_only: bool = True, store: Path | None = None) -> ModelSource:

@@ -214,13 +214,10 @@ class TransformersExpert(ExpertBackend):
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-                from maestro_core.weights import converted_gguf, resolve_model
+                from maestro_core.weights import resolve_model
 
                 source = resolve_model(self.settings, local_files_only=self.local_files_only)
-                if source.gguf is not None:
-                    path, local_only = str(converted_gguf(source.gguf)), True
-                else:
-                    path, local_only = str(source.model), self.local_files_only
+                path, local_only = source.loadable(), source.gguf is not None or self.local_files_only
                 tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype),
                                                              local_files_only=local_only)
