@@ -49,8 +49,9 @@ class TrainConfig:
                 "prompt's representation for every benchmark."})
     vocab_size: int = field(default=2048, metadata={
         "help": "Policy tokenizer size: trained on the suite, or with vocab_from the pretrained vocabulary cut to "
-                "its first vocab_size tokens (0: all of it; every token's logit is computed in each update, so a "
-                "49k vocabulary makes a CPU update ~20x slower)."})
+                "its first vocab_size tokens (0: all of it; TRL scores every completion token over the whole "
+                "vocabulary in each update, so on CPU a 49k vocabulary made the first update ~20x slower, unless "
+                "grpo.score_policy_tokens_only)."})
     vocab_from: str = field(default="", metadata={
         "help": "'' (default): the policy's byte-level BPE is trained on the suite's texts (vocab_size). "
                 "'expert:NAME': the tokenizer of that registry expert's transformers LM (e.g. "
