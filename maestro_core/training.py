@@ -112,6 +112,11 @@ class TrainConfig:
         "help": "A fixed cost weight in every episode's reward that the prompt does not show (RewardConfig."
                 "cost_lambda), unlike cost_lambdas: to continue a checkpoint trained without a weight at a price, "
                 "since a new 'Cost weight' line would itself move its routes (docs/POLICY.md). 0: off."})
+    hidden_cost_warmup: int = field(default=0, metadata={
+        "help": "Iterations over which hidden_cost_lambda rises linearly from 0 (iteration i of a run uses "
+                "hidden_cost_lambda * min(1, i / hidden_cost_warmup)), so the policy first learns which routes "
+                "answer right, while every route is still sampled, and then which are worth their price. "
+                "0: the full weight from the first iteration."})
     cost_scale: float = field(default=0.05, metadata={"help": "Cost (USD) that counts as 1.0 in the cost term."})
     cost_on_success: bool = field(default=False, metadata={
         "help": "Charge the cost term only on right answers (RewardConfig.cost_on_success): with cost_lambdas, "
@@ -201,6 +206,9 @@ class TrainConfig:
         if not (0.0 <= self.hidden_cost_lambda < float("inf")):
             raise ConfigError(f"hidden_cost_lambda {self.hidden_cost_lambda} must be finite and >= 0.",
                               field="hidden_cost_lambda", fix="use e.g. 1.0, or 0 to switch it off.")
+        if self.hidden_cost_warmup < 0:
+            raise ConfigError(f"hidden_cost_warmup {self.hidden_cost_warmup} must be >= 0.", field="hidden_cost_warmup",
+                              fix="use a number of iterations, e.g. 30, or 0 for the full weight from the start.")
         if self.hidden_cost_lambda and any(lam > 0 for lam in self.cost_lambdas):
             raise ConfigError("both hidden_cost_lambda and cost_lambdas set a cost weight.", field="hidden_cost_lambda",
                               fix="use cost_lambdas for a weight shown in the prompt, or hidden_cost_lambda for one "
@@ -596,9 +604,18 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
     return model, tok, policy
 
 
-def episode_config(config: TrainConfig) -> EpisodeConfig:
+def hidden_cost_lambda_at(config: TrainConfig, iteration: int | None) -> float:
+    """The hidden cost weight of `iteration` (None: the full weight), ramped over hidden_cost_warmup."""
+    if iteration is None or config.hidden_cost_warmup <= 0:
+        return config.hidden_cost_lambda
+    return config.hidden_cost_lambda * min(1.0, iteration / config.hidden_cost_warmup)
+
+
+def episode_config(config: TrainConfig, iteration: int | None = None) -> EpisodeConfig:
+    """Episode settings of training; `iteration` sets the ramped hidden cost weight (None: full)."""
     return EpisodeConfig(max_turns=config.max_turns, call_timeout_s=1800, compact_prompt=True,
-                         reward=RewardConfig(cost_lambda=config.hidden_cost_lambda, cost_scale=config.cost_scale,
+                         reward=RewardConfig(cost_lambda=hidden_cost_lambda_at(config, iteration),
+                                             cost_scale=config.cost_scale,
                                              cost_on_success=config.cost_on_success))
 
 
@@ -792,7 +809,7 @@ class TrainingRun:
 
         items = self.items_for(it)
         g = self.config.grpo.num_generations
-        ep = episode_config(self.config)
+        ep = episode_config(self.config, it)
         episode = {"max_turns": ep.max_turns, "call_timeout_s": ep.call_timeout_s, "compact_prompt": True,
                    "reward": {"cost_lambda": ep.reward.cost_lambda, "cost_scale": ep.reward.cost_scale,
                               "cost_on_success": ep.reward.cost_on_success}}

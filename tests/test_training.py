@@ -345,6 +345,34 @@ def test_a_hidden_cost_weight_prices_the_reward_without_a_prompt_line(registry_d
         TrainConfig(hidden_cost_lambda=1.0, cost_lambdas=(0.5,))
     with pytest.raises(ConfigError, match="hidden_cost_lambda"):
         TrainConfig(hidden_cost_lambda=-1.0)
+    with pytest.raises(ConfigError, match="hidden_cost_warmup"):
+        TrainConfig(hidden_cost_lambda=1.0, hidden_cost_warmup=-1)
+
+
+def test_the_hidden_cost_weight_ramps_up_over_its_warmup(registry_dict, tmp_path):
+    import pytest
+
+    from maestro_core.training import hidden_cost_lambda_at
+
+    cfg = TrainConfig(hidden_cost_lambda=1.1, hidden_cost_warmup=30)
+    assert [hidden_cost_lambda_at(cfg, i) for i in (0, 15, 30, 59)] == pytest.approx([0.0, 0.55, 1.1, 1.1])
+    assert hidden_cost_lambda_at(cfg, None) == 1.1  # outside training (validation): the full weight
+    assert hidden_cost_lambda_at(TrainConfig(hidden_cost_lambda=1.1), 0) == 1.1  # no warmup: full from the start
+
+    reg = parse_registry(registry_dict)
+    items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(4)]
+    cfg = TrainConfig(iterations=2, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
+                      eval_every=2, val_items=2, hidden_cost_lambda=2.0, hidden_cost_warmup=2, cost_scale=0.01,
+                      budget_share=0.0, grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
+    with Store(tmp_path / "home") as store:
+        train_policy(reg, items, items[:2], store=store, experts=build_experts(reg), config=cfg,
+                     out_dir=tmp_path / "run", run_id="w1", log=lambda s: None)
+        by_it = {it: store.trajectories("w1", it) for it in (0, 1)}
+    for it, lam in ((0, 0.0), (1, 1.0)):  # the stored episodes carry the weight their reward used
+        assert by_it[it] and all(t.cost_lambda == lam for t in by_it[it])
+        for t in by_it[it]:
+            assert t.cost_term == pytest.approx(-lam * t.total_cost / 0.01)
+    assert any(t.total_cost > 0 and t.cost_term < 0 for t in by_it[1])
 
 
 @pytest.mark.slow
