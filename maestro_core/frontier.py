@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from maestro_core.errors import ConfigError
 from maestro_core.trajectory import Trajectory
@@ -62,6 +62,29 @@ def question_template(benchmark: str, question: str, *, words: int = 6) -> str:
     found = _WORD.findall(question.split("\n")[0])
     kept = found[:1] + [w for w in found[1:] if w.islower()]
     return f"{benchmark}: {' '.join(kept[:words])}"
+
+
+def routes_by_template(rows: Iterable[Mapping[str, str]], templates: Mapping[str, str]) -> dict[str, dict[str, dict]]:
+    """Where each system of an evaluation sent each question template: {template: {system:
+    {"n", "accuracy", "cost_per_task", "routes": {route: count}}}}, from the rows of
+    `maestro eval`'s results.csv (system, item_id, route, correct, cost) and `templates`
+    ({item_id: question_template}). A row whose item has no template is an error."""
+    acc: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        item = row["item_id"]
+        if item not in templates:
+            raise ConfigError(f"item {item} of the results is not among the evaluated items.",
+                              fix="pass the home (or --data file) that the evaluation scored.")
+        cell = acc.setdefault(templates[item], {}).setdefault(
+            row["system"], {"n": 0, "correct": 0.0, "cost": 0.0, "routes": {}})
+        cell["n"] += 1
+        cell["correct"] += float(row["correct"] or 0)
+        cell["cost"] += float(row["cost"] or 0)
+        cell["routes"][row["route"]] = cell["routes"].get(row["route"], 0) + 1
+    return {t: {s: {"n": c["n"], "accuracy": c["correct"] / c["n"], "cost_per_task": c["cost"] / c["n"],
+                    "routes": dict(sorted(c["routes"].items(), key=lambda kv: -kv[1]))}
+                for s, c in sorted(by.items())}
+            for t, by in sorted(acc.items())}
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,23 @@ def test_cascades_escalate_below_the_confidence_and_beat_one_pair_per_template()
     assert (both["accuracy"], both["cost_per_task"], both["routes"]) == (1.0, 0.025, {"t": "cheap>dear@0.5"})
     with pytest.raises(ConfigError, match="thresholds"):
         cascade_table(table, thresholds=(0.0,))
+
+
+def test_routes_by_template_counts_each_systems_routes_per_template():
+    from maestro_core.frontier import routes_by_template
+
+    templates = {"a": "text: What is the code", "b": "text: What is the code", "c": "text: What is the word"}
+    rows = [{"system": "policy", "item_id": "a", "route": "tesseract@@text_reading", "correct": "1.0", "cost": "0.01"},
+            {"system": "policy", "item_id": "b", "route": "rapidocr@@text_reading", "correct": "0.0", "cost": "0.03"},
+            {"system": "policy", "item_id": "c", "route": "tesseract@@text_reading", "correct": "1.0", "cost": "0.01"},
+            {"system": "router:mlp", "item_id": "a", "route": "rapidocr@@text_reading", "correct": "1.0",
+             "cost": "0.03"}]
+    table = routes_by_template(rows, templates)
+    code = table["text: What is the code"]
+    assert code["policy"]["n"] == 2 and code["policy"]["accuracy"] == 0.5
+    assert code["policy"]["cost_per_task"] == pytest.approx(0.02)
+    assert code["policy"]["routes"] == {"tesseract@@text_reading": 1, "rapidocr@@text_reading": 1}
+    assert code["router:mlp"]["routes"] == {"rapidocr@@text_reading": 1}
+    assert table["text: What is the word"]["policy"]["accuracy"] == 1.0
+    with pytest.raises(ConfigError, match="not among the evaluated items"):
+        routes_by_template([{**rows[0], "item_id": "zz"}], templates)
