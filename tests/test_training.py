@@ -10,7 +10,7 @@ from maestro_core.experts import build_experts
 from maestro_core.grpo import GRPOSettings
 from maestro_core.registry import parse_registry
 from maestro_core.store import Store
-from maestro_core.training import TrainConfig, train_policy
+from maestro_core.training import TrainConfig, hidden_cost_lambda_at, train_policy
 
 
 def test_two_iterations_store_update_and_checkpoint(registry_dict, tmp_path):
@@ -350,10 +350,6 @@ def test_a_hidden_cost_weight_prices_the_reward_without_a_prompt_line(registry_d
 
 
 def test_the_hidden_cost_weight_ramps_up_over_its_warmup(registry_dict, tmp_path):
-    import pytest
-
-    from maestro_core.training import hidden_cost_lambda_at
-
     cfg = TrainConfig(hidden_cost_lambda=1.1, hidden_cost_warmup=30)
     assert [hidden_cost_lambda_at(cfg, i) for i in (0, 15, 30, 59)] == pytest.approx([0.0, 0.55, 1.1, 1.1])
     assert hidden_cost_lambda_at(cfg, None) == 1.1  # outside training (validation): the full weight
