@@ -36,11 +36,15 @@ def main() -> None:
     from maestro_core.frontier import question_template, routes_by_template
     from maestro_core.suite import load_suite
 
+    if not args.results.is_file():
+        p.error(f"{args.results} is not a file: pass the results.csv that `maestro eval --out DIR` wrote in DIR.")
     started = time.perf_counter()
     items = load_jsonl(args.data) if args.data else load_suite(args.home, split=args.split)
     templates = {it.id: question_template(it.benchmark, it.question) for it in items}
     with args.results.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if args.systems is None or r["system"] in args.systems]
+    if not rows:
+        p.error(f"no rows of {args.systems} in {args.results}: name systems from its 'system' column.")
     table = routes_by_template(rows, templates)
     for template, by in table.items():
         print(template)
