@@ -94,6 +94,11 @@ def _coerce(v: Any, hint: Any, source, section, key, default: Any = None):
                      base=default if dataclasses.is_dataclass(default) else None)
     if origin is tuple and isinstance(v, list):
         return tuple(v)
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"must be a mapping, got {v!r}.", source=source, entry=section, field=key,
+                              fix=f"write '{key}:' followed by 'name: value' lines, or {{}}.")
+        return dict(v)
     args = typing.get_args(hint)
     if type(None) in args and len(args) == 2:  # an optional value: None, or the other type's check
         return v if v is None else _coerce(v, next(a for a in args if a is not type(None)), source, section, key,

@@ -154,6 +154,11 @@ class TrainConfig:
     balanced_batches: bool = field(default=True, metadata={
         "help": "Draw each iteration's items benchmark by benchmark in turn (the same number from each, give or "
                 "take one) instead of uniformly from the train split, so no iteration lacks a benchmark."})
+    batch_weights: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Benchmark -> weight of its share of each iteration's items with balanced_batches (a benchmark "
+                "not named: 1; 0 leaves it out), e.g. {charts: 2, text_reading: 2} draws twice as many of those "
+                "as of each other benchmark: more groups per batch where the best route differs by question "
+                "template. {}: the same number from each."})
     seed: int = field(default=0, metadata={"help": "Seed of item sampling, model init and sampling."})
     grpo: GRPOSettings = field(default_factory=GRPOSettings.cpu_profile, metadata={"help": "GRPO settings."})
 
@@ -213,6 +218,14 @@ class TrainConfig:
             raise ConfigError("both hidden_cost_lambda and cost_lambdas set a cost weight.", field="hidden_cost_lambda",
                               fix="use cost_lambdas for a weight shown in the prompt, or hidden_cost_lambda for one "
                                   "that is not, not both.")
+        bad_weights = {b: w for b, w in self.batch_weights.items()
+                       if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w < float("inf")}
+        if bad_weights:
+            raise ConfigError(f"batch_weights {bad_weights} are not finite numbers >= 0.", field="batch_weights",
+                              fix="give each benchmark a weight such as 2 (0 leaves it out), e.g. {charts: 2}.")
+        if self.batch_weights and not self.balanced_batches:
+            raise ConfigError("batch_weights set with balanced_batches off: the uniform draw has no shares.",
+                              field="batch_weights", fix="set balanced_batches: true, or remove batch_weights.")
         if any(not (lam >= 0) for lam in self.cost_lambdas):
             raise ConfigError(f"cost_lambdas {self.cost_lambdas} has a negative value.", field="cost_lambdas",
                               fix="use weights >= 0, e.g. [0, 1, 2], or [] to switch it off.")
@@ -227,21 +240,63 @@ class TrainResult:
     best_val_accuracy: float | None
 
 
-def spread(items: Sequence[Item], n: int, *, seed: int | str = 0) -> list[Item]:
+def spread(items: Sequence[Item], n: int, *, seed: int | str = 0,
+           weights: Mapping[str, float] | None = None) -> list[Item]:
     """Up to `n` items taken in turn from each benchmark (shuffled within each, seeded): the
-    suite is stored benchmark by benchmark, so its first n items would cover one or two."""
+    suite is stored benchmark by benchmark, so its first n items would cover one or two.
+    `weights` (benchmark -> weight, 1 for one not named, 0 to leave it out): each benchmark's
+    share of the n is in proportion to its weight (largest remainders, ties to the first name);
+    a benchmark short of its share leaves the rest to the others, in proportion too."""
     rng = random.Random(seed)
     groups: dict[str, list[Item]] = {}
     for it in items:
         groups.setdefault(it.benchmark, []).append(it)
     for g in groups.values():
         rng.shuffle(g)
+    quota = _quotas({b: len(g) for b, g in groups.items()}, n, weights) if weights else None
     out: list[Item] = []
     while len(out) < n and any(groups.values()):
+        took = False
         for b in sorted(groups):
-            if groups[b] and len(out) < n:
+            if groups[b] and len(out) < n and (quota is None or quota[b] > 0):
                 out.append(groups[b].pop())
+                took = True
+                if quota is not None:
+                    quota[b] -= 1
+        if not took:
+            break
     return out
+
+
+def check_batch_weights(weights: Mapping[str, float], items: Sequence[Item]) -> None:
+    """ConfigError when `weights` (TrainConfig.batch_weights) name a benchmark that `items` lack
+    or leave every benchmark out."""
+    benchmarks = sorted({it.benchmark for it in items})
+    unknown = sorted(set(weights) - set(benchmarks))
+    if unknown or (weights and not any(weights.get(b, 1.0) for b in benchmarks)):
+        raise ConfigError(f"batch_weights {dict(weights)} " + (
+            f"name benchmarks the train split lacks: {unknown}." if unknown else "leave out every benchmark."),
+            field="batch_weights", fix=f"weigh some of the train split's benchmarks {benchmarks} above 0.")
+
+
+def _quotas(sizes: Mapping[str, int], n: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """How many of `n` items each benchmark gives (at most its size), in proportion to its weight."""
+    quota = {b: 0 for b in sizes}
+    left = min(n, sum(size for b, size in sizes.items() if weights.get(b, 1.0) > 0))
+    while left > 0:
+        open_ = [b for b in sorted(sizes) if quota[b] < sizes[b] and weights.get(b, 1.0) > 0]
+        total = sum(weights.get(b, 1.0) for b in open_)
+        share = {b: left * weights.get(b, 1.0) / total for b in open_}
+        whole = {b: min(int(share[b]), sizes[b] - quota[b]) for b in open_}
+        given = sum(whole.values())
+        for b in sorted(open_, key=lambda b: -(share[b] - int(share[b]))):  # largest remainders first
+            if given < left and quota[b] + whole[b] < sizes[b] and share[b] > whole[b]:
+                whole[b] += 1
+                given += 1
+        for b in open_:
+            quota[b] += whole[b]
+        left -= given
+    return quota
 
 
 def trained_with_cost(config: dict) -> bool:
@@ -703,6 +758,7 @@ class TrainingRun:
 
         if not train_items:
             raise ConfigError("no train items.", fix="build the suite (maestro build-dataset) or pass a train split.")
+        check_batch_weights(config.batch_weights, train_items)
         self.registry, self.train_items, self.store, self.experts = registry, list(train_items), store, experts
         self.config, self.out_dir, self.log = config, Path(out_dir), log
         self.policy: PolicyConfig = policy if policy is not None else PolicyConfig()
@@ -767,7 +823,8 @@ class TrainingRun:
     def items_for(self, it: int) -> list[Item]:
         n = min(self.config.prompts_per_iteration, len(self.train_items))
         if self.config.balanced_batches:
-            return spread(self.train_items, n, seed=f"{self.config.seed}-items-{it}")
+            return spread(self.train_items, n, seed=f"{self.config.seed}-items-{it}",
+                          weights=self.config.batch_weights or None)
         rng = random.Random(f"{self.config.seed}-items-{it}")
         return rng.sample(self.train_items, n)
 

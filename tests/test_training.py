@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from maestro_core.config import build
 from maestro_core.dataset import Item
 from maestro_core.errors import ConfigError
 from maestro_core.experts import build_experts
@@ -53,6 +54,41 @@ def test_validation_items_spread_over_benchmarks():
     picked = spread(items, 6, seed=1)
     assert sorted(it.benchmark for it in picked) == ["a", "a", "b", "b", "c", "c"]
     assert spread(items, 6, seed=1) == picked and len(spread(items, 99)) == 30
+
+
+def test_batch_weights_set_each_benchmarks_share_of_an_iteration():
+    from collections import Counter
+
+    from maestro_core.training import check_batch_weights, spread
+    items = [Item(f"{b}{i}", b, f"q {b} {i}", "1", "exact")
+             for b, k in (("a", 30), ("b", 30), ("c", 30), ("d", 2)) for i in range(k)]
+
+    def shares(weights, n=16, seed=1):
+        picked = spread(items, n, seed=seed, weights=weights)
+        assert len({it.id for it in picked}) == len(picked)  # no item twice
+        return dict(Counter(it.benchmark for it in picked))
+
+    assert shares(None) == {"a": 5, "b": 5, "c": 4, "d": 2}  # d has only 2: the rest goes round
+    assert shares({"a": 1}) == shares(None)  # weights of 1 are the default's shares
+    assert shares({"a": 2, "b": 2}) == {"a": 6, "b": 5, "c": 3, "d": 2}
+    assert shares({"c": 0}) == {"a": 7, "b": 7, "d": 2}  # 0 leaves c out; d's short share goes to a, b
+    assert shares({"a": 2, "b": 2}, seed=2) == shares({"a": 2, "b": 2})  # the shares do not depend on the seed
+    assert spread(items, 16, seed=2, weights={"a": 2}) != spread(items, 16, seed=1, weights={"a": 2})
+    assert shares({"a": 3}, n=200) == {"a": 30, "b": 30, "c": 30, "d": 2}  # never more than a benchmark has
+
+    check_batch_weights({"a": 2, "d": 0}, items)
+    with pytest.raises(ConfigError, match="lacks: \\['charts'\\]") as e:
+        check_batch_weights({"charts": 2}, items)
+    assert "['a', 'b', 'c', 'd']" in e.value.fix
+    with pytest.raises(ConfigError, match="every benchmark"):
+        check_batch_weights({"a": 0, "b": 0, "c": 0, "d": 0}, items)
+    with pytest.raises(ConfigError, match="batch_weights"):
+        TrainConfig(batch_weights={"a": -1})
+    with pytest.raises(ConfigError, match="balanced_batches"):
+        TrainConfig(batch_weights={"a": 2}, balanced_batches=False)
+    with pytest.raises(ConfigError, match="mapping"):
+        build(TrainConfig, {"batch_weights": [2, 1]})
+    assert build(TrainConfig, {"batch_weights": {"a": 2}}).batch_weights == {"a": 2}
 
 
 def _action_states(reg, items, cfg: TrainConfig) -> dict:
