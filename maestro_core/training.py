@@ -214,6 +214,10 @@ class TrainConfig:
         if self.hidden_cost_warmup < 0:
             raise ConfigError(f"hidden_cost_warmup {self.hidden_cost_warmup} must be >= 0.", field="hidden_cost_warmup",
                               fix="use a number of iterations, e.g. 30, or 0 for the full weight from the start.")
+        if self.hidden_cost_warmup and not self.hidden_cost_lambda:
+            raise ConfigError(f"hidden_cost_warmup {self.hidden_cost_warmup} ramps up a hidden_cost_lambda of 0: it "
+                              "would do nothing.", field="hidden_cost_warmup",
+                              fix="set hidden_cost_lambda (e.g. 1.1), or remove hidden_cost_warmup.")
         if self.hidden_cost_lambda and any(lam > 0 for lam in self.cost_lambdas):
             raise ConfigError("both hidden_cost_lambda and cost_lambdas set a cost weight.", field="hidden_cost_lambda",
                               fix="use cost_lambdas for a weight shown in the prompt, or hidden_cost_lambda for one "

@@ -305,6 +305,9 @@ def test_balanced_batches_take_each_benchmark_in_turn():
     assert batches[0] == TrainingRun.items_for(run, 0) and batches[0] != batches[1]  # seeded by the iteration
     uniform = SimpleNamespace(config=TrainConfig(balanced_batches=False), train_items=items)
     assert any(Counter(it.benchmark for it in TrainingRun.items_for(uniform, k))["math"] < 5 for k in range(20))
+    weighted = SimpleNamespace(config=TrainConfig(batch_weights={"charts": 2}), train_items=items)
+    assert all(Counter(it.benchmark for it in TrainingRun.items_for(weighted, k)) == {"charts": 8, "math": 4, "text": 4}
+               for k in range(5))
 
 
 def test_the_default_cost_weight_is_one_the_policy_was_trained_with():
@@ -383,6 +386,8 @@ def test_a_hidden_cost_weight_prices_the_reward_without_a_prompt_line(registry_d
         TrainConfig(hidden_cost_lambda=-1.0)
     with pytest.raises(ConfigError, match="hidden_cost_warmup"):
         TrainConfig(hidden_cost_lambda=1.0, hidden_cost_warmup=-1)
+    with pytest.raises(ConfigError, match="would do nothing"):
+        TrainConfig(hidden_cost_warmup=30)  # a ramp without a weight
 
 
 def test_the_hidden_cost_weight_ramps_up_over_its_warmup(registry_dict, tmp_path):
