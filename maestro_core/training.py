@@ -257,18 +257,13 @@ def spread(items: Sequence[Item], n: int, *, seed: int | str = 0,
         groups.setdefault(it.benchmark, []).append(it)
     for g in groups.values():
         rng.shuffle(g)
-    quota = _quotas({b: len(g) for b, g in groups.items()}, n, weights) if weights else None
+    quota = _quotas({b: len(g) for b, g in groups.items()}, n, weights or {})
     out: list[Item] = []
-    while len(out) < n and any(groups.values()):
-        took = False
+    while any(quota.values()):  # in turn, one item per benchmark with some of its share left
         for b in sorted(groups):
-            if groups[b] and len(out) < n and (quota is None or quota[b] > 0):
+            if quota[b]:
                 out.append(groups[b].pop())
-                took = True
-                if quota is not None:
-                    quota[b] -= 1
-        if not took:
-            break
+                quota[b] -= 1
     return out
 
 
@@ -828,7 +823,7 @@ class TrainingRun:
         n = min(self.config.prompts_per_iteration, len(self.train_items))
         if self.config.balanced_batches:
             return spread(self.train_items, n, seed=f"{self.config.seed}-items-{it}",
-                          weights=self.config.batch_weights or None)
+                          weights=self.config.batch_weights)
         rng = random.Random(f"{self.config.seed}-items-{it}")
         return rng.sample(self.train_items, n)
 
