@@ -32,7 +32,7 @@ from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.constrained import ActionConstraint, TurnState
 from maestro_core.errors import ConfigError
 from maestro_core.policy import EpisodeView, PolicyTurn, information_text
-from maestro_core.protocol import unescape
+from maestro_core.protocol import ANSWER_FROM, unescape
 from maestro_core.registry import Registry
 
 
@@ -56,7 +56,7 @@ class LMPolicy:
     def __init__(self, model, tokenizer, registry: Registry, *, temperature: float = 1.0, max_turn_tokens: int = 24,
                  constrained: bool = True, allow_think: bool = False, answer_candidates: bool = False,
                  forward_question: bool = False, free_input: bool = True, answer_on_last_turn: bool = False,
-                 actions: Sequence[str] | None = None,
+                 actions: Sequence[str] | None = None, answer_from: str = "any",
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
                  seed: int = 0, threaded: bool = True, share_prefix: bool = True, explore: float = 0.0,
                  explore_within: float | None = None, price_tilt: float = 0.0):
@@ -74,6 +74,11 @@ class LMPolicy:
         self.temperature, self.max_turn_tokens = temperature, max_turn_tokens
         self.constrained, self.answer_candidates = constrained, answer_candidates
         self.answer_on_last_turn = answer_on_last_turn
+        if answer_from not in ANSWER_FROM:
+            raise ConfigError(f"answer_from {answer_from!r} is not one of {list(ANSWER_FROM)}.", source="LMPolicy",
+                              field="answer_from", fix="use 'any' (every observation's payload) or 'last' (the "
+                                                        "latest observation's).")
+        self.answer_from = answer_from
         self.checkpoint_id = checkpoint_id
         self.max_batch_size, self.batch_window_s, self.threaded = max_batch_size, batch_window_s, threaded
         self.share_prefix = share_prefix
@@ -136,13 +141,17 @@ class LMPolicy:
         return self.encoder.context_ids(messages, self._turns.get(view.episode_id) if view is not None else None)
 
     def candidates(self, messages: Sequence[Mapping[str, str]]) -> list[str]:
-        """Answer candidates: the payloads of the episode's `<information>` observations."""
+        """Answer candidates: the payloads of the episode's `<information>` observations (with
+        `answer_from="last"`, of the latest observation only: a second call replaces the first
+        reply, as in a cascade that escalates to a dearer expert). An error is no candidate."""
+        observed = [m for m in messages[2:] if m["role"] != "assistant"]
+        if self.answer_from == "last":
+            observed = observed[-1:]
         out = []
-        for m in messages[2:]:
-            if m["role"] != "assistant":
-                info = information_text(m["content"])
-                if info is not None and not info.startswith("error ("):
-                    out.append(unescape(info).strip())
+        for m in observed:
+            info = information_text(m["content"])
+            if info is not None and not info.startswith("error ("):
+                out.append(unescape(info).strip())
         return out
 
     # -- acting -----------------------------------------------------------------------------

@@ -34,6 +34,9 @@ PROTOCOL_TEXT = (
 )
 
 PROTOCOL_TEXT_COMPACT = "One action per turn: <call>ACTION: input</call> or <answer>text</answer>."
+ANSWER_FROM = ("any", "last")
+"""Which observations a candidate-constrained answer may quote: every one's payload, or the latest's
+(LMPolicy `answer_from`, TrainConfig.answer_from)."""
 
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _ACTION = re.compile(r"<(call|answer)>(.*?)</\1>", re.DOTALL)

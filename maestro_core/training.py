@@ -27,6 +27,7 @@ from maestro_core.dataset import Item
 from maestro_core.episode import EpisodeConfig, EpisodeRunner
 from maestro_core.errors import ConfigError
 from maestro_core.grpo import GRPOSettings, grpo_update
+from maestro_core.protocol import ANSWER_FROM
 from maestro_core.question_noise import QuestionNoise
 from maestro_core.registry import Registry
 from maestro_core.rewards import RewardConfig
@@ -40,6 +41,10 @@ class TrainConfig:
     max_turns: int = field(default=2, metadata={
         "help": "Policy turns per episode (CPU default 2: one routed call, then the answer; the paper uses 4)."})
     max_turn_tokens: int = field(default=12, metadata={"help": "Tokens per policy turn (constrained decoding)."})
+    answer_from: str = field(default="any", metadata={
+        "help": "Which observations the answer may quote: 'any' (every observation's payload) or 'last' (the "
+                "latest only, so a second call replaces the first reply: a cascade that escalates to a dearer "
+                "expert when the first fails; with max_turns 3 or more)."})
     hidden: int = field(default=128, metadata={"help": "Policy model width (a Llama built from a config)."})
     layers: int = field(default=2, metadata={"help": "Policy model layers."})
     heads: int = field(default=4, metadata={"help": "Attention heads."})
@@ -186,6 +191,13 @@ class TrainConfig:
                               fix="use 1 or more (rl_contrast_lr: 0 switches the term off).")
         if self.pretrain_steps < 0:
             raise ConfigError("pretrain_steps must be >= 0.", field="pretrain_steps", fix="use 0 to switch it off.")
+        if self.answer_from not in ANSWER_FROM:
+            raise ConfigError(f"answer_from '{self.answer_from}' is unknown.", field="answer_from",
+                              fix="use 'any' or 'last'.")
+        if self.answer_from == "last" and self.max_turns < 3:
+            raise ConfigError(f"answer_from 'last' with max_turns {self.max_turns}: an episode has one call, so it "
+                              "answers from that call either way.", field="answer_from",
+                              fix="set max_turns: 3 (call, call again or answer, answer), or leave answer_from out.")
         if self.call_input not in ("question", "free"):
             raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
                               fix="use 'question' or 'free'.")
@@ -341,7 +353,7 @@ def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
         actions = tuple(a for a in actions if "/" not in a)
     return dict(max_turn_tokens=int(cfg.get("max_turn_tokens", 24)), constrained=True, forward_question=True,
                 free_input=cfg.get("call_input", "free") == "free", answer_candidates=True, answer_on_last_turn=True,
-                actions=actions)
+                answer_from=cfg.get("answer_from", "any"), actions=actions)
 
 
 def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, steps: int, lr: float = 1e-3,

@@ -176,6 +176,32 @@ async def test_act_returns_parsed_turns_and_unconstrained_policy(reg, tok, model
         assert getattr(a, "text", "4") == "4"
 
 
+async def test_answer_from_last_quotes_only_the_latest_reply(reg, tok, model):
+    """answer_from='last' (a cascade: a second call replaces the first reply): the answer may
+    quote the latest observation only; an error there leaves no candidate, so the turn must
+    call; 'any' keeps every reply. An unknown value is a ConfigError naming both choices."""
+    msgs = build_messages(reg, ITEMS[0])
+    convo = msgs + [{"role": "assistant", "content": "<call>calc@@math: 1 + 3</call>"},
+                    {"role": "user", "content": "<information>could not read it (confidence 0.00)</information>"},
+                    {"role": "assistant", "content": "<call>calc@@math: 1 + 3</call>"},
+                    {"role": "user", "content": "<information>4 (confidence 1.00)</information>"}]
+    any_ = LMPolicy(model, tok, reg, answer_candidates=True, max_turn_tokens=12)
+    last = LMPolicy(model, tok, reg, answer_candidates=True, max_turn_tokens=12, answer_from="last",
+                    answer_on_last_turn=True)
+    assert any_.candidates(convo) == ["could not read it", "4"]
+    assert last.candidates(convo) == ["4"]
+    for i in range(20):  # the last turn of 3, a random model at temperature 1: never the first reply
+        action = parse_action((await last.act(convo, EpisodeView(f"l{i}", 0, 2, 3))).text, reg)
+        assert isinstance(action, Answer) and action.text == "4"
+    failed = convo[:-1] + [{"role": "user", "content": "<information>error (timeout): no reply</information>"}]
+    assert last.candidates(failed) == [] and any_.candidates(failed) == ["could not read it"]
+    for i in range(10):
+        assert isinstance(parse_action((await last.act(failed, EpisodeView(f"f{i}", 0, 2, 4))).text, reg), Call)
+    with pytest.raises(ConfigError) as e:
+        LMPolicy(model, tok, reg, answer_from="first")
+    assert "'any'" in e.value.fix and "'last'" in e.value.fix
+
+
 async def test_a_budget_offers_only_the_calls_it_can_pay_for(reg, tok, model):
     """Request-time budget knob: calc costs 0.001 per call, counter 0.002. With 0.0015 left a
     random model never samples a counter action; with nothing left it can only answer; the

@@ -412,6 +412,36 @@ def test_the_hidden_cost_weight_ramps_up_over_its_warmup(registry_dict, tmp_path
     assert any(t.total_cost > 0 and t.cost_term < 0 for t in by_it[1])
 
 
+def test_answer_from_last_trains_and_reloads_a_cascade(registry_dict, tmp_path):
+    """max_turns 3 with answer_from 'last': every episode that answers after a call quotes its
+    latest reply (a second call replaces the first), and the checkpoint reloads with the same
+    rule; 'last' with two turns, or an unknown value, is a ConfigError."""
+    from maestro_core.checkpoints import load_checkpoint_policy
+    from maestro_core.policy import information_text
+    from maestro_core.protocol import unescape
+
+    reg = parse_registry(registry_dict)
+    items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(4)]
+    cfg = TrainConfig(iterations=1, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
+                      eval_every=1, val_items=2, max_turns=3, answer_from="last", budget_share=0.0,
+                      grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
+    with Store(tmp_path / "home") as store:
+        res = train_policy(reg, items, items[:2], store=store, experts=build_experts(reg), config=cfg,
+                           out_dir=tmp_path / "run", run_id="c1", log=lambda s: None)
+        trajs = store.trajectories("c1", 0)
+    replies = {t.episode_id: unescape(information_text(t.steps[-2].observation) or "").strip()
+               for t in trajs if t.steps[-1].action == "answer" and len(t.steps) > 1}
+    answered = [t for t in trajs if t.episode_id in replies and not replies[t.episode_id].startswith("error (")]
+    assert answered and any(len(t.steps) == 3 for t in answered)  # some answered after two calls
+    for t in answered:  # (an error as the last reply leaves no candidate: not counted)
+        assert t.final_answer.strip() == replies[t.episode_id]
+    assert load_checkpoint_policy(res.checkpoints[-1], reg).answer_from == "last"
+    with pytest.raises(ConfigError, match="max_turns: 3"):
+        TrainConfig(answer_from="last")
+    with pytest.raises(ConfigError, match="'any' or 'last'"):
+        TrainConfig(answer_from="first", max_turns=3)
+
+
 @pytest.mark.slow
 def test_a_pretrained_vocabulary_keeps_its_ids_and_its_embedding_geometry():
     """train.vocab_from: the policy takes an LM expert's tokenizer (SmolLM2's ids unchanged, the
