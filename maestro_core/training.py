@@ -44,7 +44,8 @@ class TrainConfig:
     answer_from: str = field(default="any", metadata={
         "help": "Which observations the answer may quote: 'any' (every observation's payload) or 'last' (the "
                 "latest only, so a second call replaces the first reply: a cascade that escalates to a dearer "
-                "expert when the first fails; with max_turns 3 or more)."})
+                "expert when the first fails; with max_turns 3 or more). It constrains the in-process policy's "
+                "answer to those payloads; a served policy (policy.backend: openai) writes its answer freely."})
     hidden: int = field(default=128, metadata={"help": "Policy model width (a Llama built from a config)."})
     layers: int = field(default=2, metadata={"help": "Policy model layers."})
     heads: int = field(default=4, metadata={"help": "Attention heads."})
