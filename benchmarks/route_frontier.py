@@ -10,7 +10,10 @@ table that `maestro eval --baselines` stored; runs no expert.
 With `--cascades 0.3 0.5 0.7 0.9` the routes also include two-call cascades (call a pair, and
 a dearer one when the first reports a confidence under the threshold; frontier.cascade_table),
 which a step-level policy can take and a per-query router cannot; the outputs are then named
-frontier-cascades.json / .png.
+frontier-cascades.json / .png. `--rewards LAMBDA PAIR...` also prints, per benchmark, the mean
+training reward per episode (outcome - LAMBDA x cost / $0.05) of those pairs and of the
+cascades between them (frontier.route_rewards), e.g. `--cascades 0.3 --rewards 1.1
+tesseract@@chart rapidocr@@chart`.
 """
 
 from __future__ import annotations
@@ -41,10 +44,14 @@ def main() -> None:
                         "of that size allows")
     p.add_argument("--cascades", nargs="+", type=float, default=None, metavar="CONFIDENCE",
                    help="also route by two-call cascades that escalate below these confidences (e.g. 0.3 0.5 0.7 0.9)")
+    p.add_argument("--rewards", nargs="+", default=None, metavar="LAMBDA_OR_PAIR",
+                   help="a cost weight then pairs: print each benchmark's mean reward per episode of those pairs and "
+                        "of the cascades between them")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
-    from maestro_core.frontier import cascade_table, load_pair_table, question_template, template_frontier
+    from maestro_core.frontier import (cascade_table, load_pair_table, question_template, route_rewards,
+                                       template_frontier)
     from maestro_core.plots import cost_knob_plot
     from maestro_core.store import Store
 
@@ -62,6 +69,19 @@ def main() -> None:
         routes.update(cascade_table(table, args.cascades))
         print(f"{len(routes) - len(table)} two-call cascades at confidences {args.cascades}")
     templates = [question_template(t.benchmark, _QUESTION.search(t.prompt_text).group(1)) for t in first]
+    if args.rewards:
+        try:
+            lam, pairs = float(args.rewards[0]), args.rewards[1:]
+        except ValueError:
+            p.error(f"--rewards starts with the cost weight, e.g. --rewards 1.1 {' '.join(args.rewards)}.")
+        unknown = sorted(set(pairs) - set(table))
+        if unknown:
+            p.error(f"--rewards names pairs the table lacks: {unknown}; it has {sorted(table)}.")
+        legs = {r: (r.rsplit("@", 1)[0] if ">" in r else r).split(">") for r in routes}  # "A>B@t": A, B
+        chosen = {r: v for r, v in routes.items() if set(legs[r]) <= set(pairs)}
+        print(f"mean reward per episode at cost weight {lam:g} (outcome - {lam:g} x cost / $0.05):")
+        for bench, by_route in route_rewards(chosen, [t.benchmark for t in first], cost_lambda=lam).items():
+            print(f"  {bench}: " + ", ".join(f"{r} {v:.2f}" for r, v in by_route.items()))
     systems = {n: metrics["systems"][n] for n in SYSTEMS if n in metrics["systems"]}
     caps = args.caps or sorted({0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02, 0.025, 0.03,
                                 *(round(m["cost_per_task"], 6) for m in systems.values())})

@@ -118,6 +118,20 @@ def cascade_table(table: Mapping[str, Sequence[Trajectory]],
     return out
 
 
+def route_rewards(table: Mapping[str, Sequence[Trajectory | RouteResult]], groups: Sequence[str], *,
+                  cost_lambda: float, cost_scale: float = 0.05) -> dict[str, dict[str, float]]:
+    """Mean training reward per episode of each route (a pair, or a `cascade_table` route) on
+    each group of items (benchmark or template): outcome - cost_lambda x cost / cost_scale, the
+    reward of a run with that (hidden) cost weight. {group: {route: mean reward}}."""
+    if any(len(results) != len(groups) for results in table.values()):
+        raise ConfigError("every route needs one result per item.", fix="pass the pair table of one evaluation.")
+    idx: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        idx.setdefault(g, []).append(i)
+    return {g: {r: sum(table[r][i].outcome - cost_lambda * table[r][i].total_cost / cost_scale for i in ii) / len(ii)
+                for r in sorted(table)} for g, ii in sorted(idx.items())}
+
+
 def template_frontier(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
                       caps: Sequence[float], *, unit: float = 0.0001) -> list[dict]:
     """For each cap (USD per task): the template -> route choice (a pair, or a `cascade_table`

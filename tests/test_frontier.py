@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from maestro_core.errors import ConfigError
-from maestro_core.frontier import cascade_table, price_bias_bound, question_template, template_frontier
+from maestro_core.frontier import (cascade_table, price_bias_bound, question_template, route_rewards,
+                                   template_frontier)
 
 
 def test_templates_keep_the_wording_and_drop_names_and_numbers():
@@ -117,3 +118,15 @@ def test_routes_by_template_counts_each_systems_routes_per_template():
     assert table["text: What is the word"]["policy"]["accuracy"] == 1.0
     with pytest.raises(ConfigError, match="not among the evaluated items"):
         routes_by_template([{**rows[0], "item_id": "zz"}], templates)
+
+
+def test_route_rewards_price_each_route_per_group_at_the_cost_weight():
+    step = lambda c: SimpleNamespace(expert="e", confidence=c)  # noqa: E731
+    cheap = [SimpleNamespace(outcome=o, total_cost=0.01, steps=(step(c),)) for o, c in [(1.0, 0.9), (0.0, 0.2)]]
+    dear = [SimpleNamespace(outcome=1.0, total_cost=0.03, steps=(step(0.99),)) for _ in range(2)]
+    table = {"cheap": cheap, "dear": dear, **cascade_table({"cheap": cheap, "dear": dear}, thresholds=(0.5,))}
+    got = route_rewards(table, ["a", "b"], cost_lambda=1.0, cost_scale=0.05)
+    assert got["a"] == pytest.approx({"cheap": 0.8, "dear": 0.4, "cheap>dear@0.5": 0.8})
+    assert got["b"] == pytest.approx({"cheap": -0.2, "dear": 0.4, "cheap>dear@0.5": 0.2})  # escalated: both paid
+    with pytest.raises(ConfigError, match="one result per item"):
+        route_rewards(table, ["a"], cost_lambda=1.0)
