@@ -77,8 +77,8 @@ def main() -> None:
         unknown = sorted(set(pairs) - set(table))
         if unknown:
             p.error(f"--rewards names pairs the table lacks: {unknown}; it has {sorted(table)}.")
-        legs = {r: (r.rsplit("@", 1)[0] if ">" in r else r).split(">") for r in routes}  # "A>B@t": A, B
-        chosen = {r: v for r, v in routes.items() if set(legs[r]) <= set(pairs)}
+        chosen = {q: table[q] for q in pairs}
+        chosen.update(cascade_table(chosen, args.cascades) if args.cascades else {})
         print(f"mean reward per episode at cost weight {lam:g} (outcome - {lam:g} x cost / $0.05):")
         for bench, by_route in route_rewards(chosen, [t.benchmark for t in first], cost_lambda=lam).items():
             print(f"  {bench}: " + ", ".join(f"{r} {v:.2f}" for r, v in by_route.items()))
