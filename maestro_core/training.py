@@ -671,6 +671,19 @@ def build_policy(registry: Registry, texts: Sequence[str], config: TrainConfig, 
     return model, tok, policy
 
 
+def config_changes(before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """'name old -> new' for each setting of `after` that differs from `before` (nested sections
+    as 'grpo.beta'; a setting `before` lacks, from an older checkpoint, counts as changed)."""
+    out = []
+    for key, new in after.items():
+        old = before.get(key, "(unset)") if isinstance(before, Mapping) else "(unset)"
+        if isinstance(new, Mapping):
+            out += config_changes(old if isinstance(old, Mapping) else {}, new, f"{prefix}{key}.")
+        elif old != json.loads(json.dumps(new)):  # as stored: tuples are lists in the checkpoint's JSON
+            out.append(f"{prefix}{key} {old!r} -> {new!r}")
+    return out
+
+
 def hidden_cost_lambda_at(config: TrainConfig, iteration: int | None) -> float:
     """The hidden cost weight of `iteration` (None: the full weight), ramped over hidden_cost_warmup."""
     if iteration is None or config.hidden_cost_warmup <= 0:
@@ -801,6 +814,10 @@ class TrainingRun:
             best = max(scored, key=lambda c: (c.val_accuracy, c.iteration)) if scored else None
             self.best = (best.val_accuracy, str(best.path or best.name)) if best else None
             log(f"resuming run {self.run_id} from {last.name} (iteration {self.start} of {config.iterations})")
+            changed = config_changes(last.meta.get("config", {}), asdict(config))
+            if changed:
+                log(f"resuming with a changed config (the new values apply from iteration {self.start}): "
+                    + "; ".join(changed))
         else:
             if self.policy.pretrained:  # the initial weights (a server starts on them too)
                 self.model, self.tokenizer = load_learner(self.policy.checkpoint, vision=self.policy.vision)

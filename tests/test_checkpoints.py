@@ -32,11 +32,11 @@ def _cfg(iterations, **kw):
                        grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8), **kw)
 
 
-def _train(home, iterations, run_id="r1", **kw):
+def _train(home, iterations, run_id="r1", log=lambda s: None, **kw):
     reg = parse_registry(REG)
     with Store(home) as store:
         res = train_policy(reg, ITEMS, ITEMS[:2], store=store, experts=build_experts(reg), config=_cfg(iterations, **kw),
-                           out_dir=home / "runs" / run_id, run_id=run_id, log=lambda s: None)
+                           out_dir=home / "runs" / run_id, run_id=run_id, log=log)
         n = store.count_episodes(run_id)
         objects = store.objects
         keys = objects.list(f"checkpoints/{run_id}/")
@@ -91,6 +91,22 @@ def test_resume_after_a_crash_gives_the_same_count_and_curve(tmp_path):
         items1 = sorted(t.item_id for t in s1.trajectories("r1", 2))
         items2 = sorted(t.item_id for t in s2.trajectories("r1", 2))
     assert items1 == items2
+
+
+def test_a_resume_under_a_changed_config_says_what_changed(tmp_path):
+    """Continuing a run at, say, a new cost weight is allowed (the same run id); the log names each
+    changed setting, and a resume under the same config names none."""
+    home = tmp_path / "home"
+    _train(home, 2)
+    lines: list[str] = []
+    _train(home, 2, log=lines.append)  # finished: nothing to do, and nothing changed
+    assert any(s.startswith("resuming run r1 from ckpt-2") for s in lines)
+    assert not any("changed config" in s for s in lines)
+    lines.clear()
+    _train(home, 3, log=lines.append, hidden_cost_lambda=0.5)
+    changed = [s for s in lines if "changed config" in s]
+    assert len(changed) == 1 and "from iteration 2" in changed[0]
+    assert "iterations 2 -> 3" in changed[0] and "hidden_cost_lambda 0.0 -> 0.5" in changed[0]
 
 
 def test_eval_with_a_checkpoint_adds_policy_and_untrained(tmp_path):
