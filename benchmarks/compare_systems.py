@@ -8,7 +8,9 @@ the items only one of the two got right with an exact McNemar p-value
         --system docs/results/cost/baselines-N3/results.csv router:mlp \
         --system docs/results/cost/baselines-N3/results.csv router:knn --out DIR
 
-The first --system is A; each later one is a B. Writes DIR/compare.json and DIR/compare.md.
+The first --system is A; each later one is a B. With `--baselines K` the last K are the Bs and
+each earlier one is an A (several checkpoints against the routers in one table). Writes
+DIR/compare.json and DIR/compare.md.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a results.csv and a system in it; the first is compared against each later one")
     p.add_argument("--label", action="append", default=None,
                    help="a name per --system for the table (default: the system name; give one per --system)")
+    p.add_argument("--baselines", type=int, default=None,
+                   help="how many of the last --system entries are the Bs (default: all but the first)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -59,15 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.label and len(args.label) != len(args.system):
         p.error(f"{len(args.label)} --label for {len(args.system)} --system: give one per --system, or none.")
     labels = args.label or [name for _, name in args.system]
+    k = len(args.system) - 1 if args.baselines is None else args.baselines
+    if not 1 <= k < len(args.system):
+        p.error(f"--baselines {k} must leave at least one A and one B of the {len(args.system)} --system entries.")
     started = time.perf_counter()
     try:
         loaded = []
         for path, name in args.system:
             with open(path, newline="") as f:
                 loaded.append(system_rows(csv.DictReader(f), name))
-        diffs = [paired_difference(loaded[0], other, system_a=labels[0], system_b=label, resamples=args.resamples,
+        split = len(loaded) - k
+        diffs = [paired_difference(mine, other, system_a=name, system_b=label, resamples=args.resamples,
                                    level=args.level, seed=args.seed)
-                 for other, label in zip(loaded[1:], labels[1:])]
+                 for mine, name in zip(loaded[:split], labels[:split])
+                 for other, label in zip(loaded[split:], labels[split:])]
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "compare.json").write_text(json.dumps({
         "systems": [{"results": path, "system": name, "label": label}
                     for (path, name), label in zip(args.system, labels)],
-        "comparisons": [d.as_dict() for d in diffs], "command": " ".join(sys.argv),
+        "comparisons": [d.as_dict() for d in diffs], "baselines": k,
+        "command": " ".join(["benchmarks/compare_systems.py", *(argv if argv is not None else sys.argv[1:])]),
         "seconds": round(time.perf_counter() - started, 2)}, indent=2) + "\n")
     print(f"wrote {args.out / 'compare.json'} and compare.md")
     return 0

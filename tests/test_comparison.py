@@ -76,5 +76,11 @@ def test_the_script_writes_a_table_and_json(tmp_path, capsys):
     assert got["accuracy_diff"] == pytest.approx(0.25) and got["cost_ratio"] == pytest.approx(2.0)
     assert got["only_a"] == 10 and got["only_b"] == 0
     assert "| policy | router:mlp | 40 | 0.750 | 0.500 | +0.250" in (out / "compare.md").read_text()
+    # two As against one B: one row each
+    assert compare_main(["--system", str(path), "router:mlp", "--system", str(path), "policy", "--system", str(path),
+                         "policy", "--label", "r", "--label", "p1", "--label", "p", "--baselines", "1",
+                         "--resamples", "200", "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())["comparisons"]
+    assert [(r["system_a"], r["system_b"], r["accuracy_diff"]) for r in rows] == [("r", "p", -0.25), ("p1", "p", 0.0)]
     assert compare_main(["--system", str(path), "policy", "--system", str(path), "router:knn", "--out", str(out)]) == 2
     assert "no rows of system 'router:knn'" in capsys.readouterr().err
