@@ -13,7 +13,10 @@ which a step-level policy can take and a per-query router cannot; the outputs ar
 frontier-cascades.json / .png. `--rewards LAMBDA PAIR...` also prints, per benchmark, the mean
 training reward per episode (outcome - LAMBDA x cost / $0.05) of those pairs and of the
 cascades between them (frontier.route_rewards), e.g. `--cascades 0.3 --rewards 1.1
-tesseract@@chart rapidocr@@chart`.
+tesseract@@chart rapidocr@@chart`. `--reward-optimal 0.7 1.1 1.4` prints, for each cost weight,
+the routing by template that maximises that weight's mean training reward (with the cascades
+when --cascades is given; frontier.reward_optimal_routes) and its accuracy and cost: where a
+run at that weight would land if it learned its reward's optimum.
 """
 
 from __future__ import annotations
@@ -47,11 +50,13 @@ def main() -> None:
     p.add_argument("--rewards", nargs="+", default=None, metavar="LAMBDA_OR_PAIR",
                    help="a cost weight then pairs: print each benchmark's mean reward per episode of those pairs and "
                         "of the cascades between them")
+    p.add_argument("--reward-optimal", nargs="+", type=float, default=None, metavar="LAMBDA",
+                   help="cost weights: print the reward-maximising routing by template at each, and what it scores")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
-    from maestro_core.frontier import (cascade_table, load_pair_table, question_template, route_rewards,
-                                       template_frontier)
+    from maestro_core.frontier import (cascade_table, load_pair_table, question_template, reward_optimal_routes,
+                                       route_rewards, template_frontier)
     from maestro_core.plots import cost_knob_plot
     from maestro_core.store import Store
 
@@ -82,6 +87,18 @@ def main() -> None:
         print(f"mean reward per episode at cost weight {lam:g} (outcome - {lam:g} x cost / $0.05):")
         for bench, by_route in route_rewards(chosen, [t.benchmark for t in first], cost_lambda=lam).items():
             print(f"  {bench}: " + ", ".join(f"{r} {v:.2f}" for r, v in by_route.items()))
+    optimal = []
+    if args.reward_optimal:
+        print("the routing by template that maximises the mean reward at each cost weight:")
+        previous: dict[str, str] = {}
+        for lam in args.reward_optimal:
+            o = reward_optimal_routes(routes, templates, cost_lambda=lam)
+            optimal.append(o)
+            moved = {t: r for t, r in o["routes"].items() if previous.get(t) != r}
+            print(f"  weight {lam:g}: accuracy {o['accuracy']:.3f} at ${o['cost_per_task']:.6f}/task; "
+                  + ("routes: " if not previous else "changed: ")
+                  + ("; ".join(f"{t} -> {r}" for t, r in moved.items()) or "none"))
+            previous = o["routes"]
     systems = {n: metrics["systems"][n] for n in SYSTEMS if n in metrics["systems"]}
     caps = args.caps or sorted({0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02, 0.025, 0.03,
                                 *(round(m["cost_per_task"], 6) for m in systems.values())})
@@ -110,7 +127,7 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "pairs": sorted(table),
          "pairs_under": args.pairs_under, "cascades": args.cascades, "templates": sorted(set(templates)),
-         "points": points, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
+         "points": points, "reward_optimal": optimal, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
          "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     print(f"wrote {args.out / stem}.json and {stem}.png ({time.perf_counter() - started:.1f} s)")
 

@@ -132,6 +132,38 @@ def route_rewards(table: Mapping[str, Sequence[Trajectory | RouteResult]], group
                 for r in sorted(table)} for g, ii in sorted(idx.items())}
 
 
+def reward_optimal_routes(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str], *,
+                          cost_lambda: float, cost_scale: float = 0.05) -> dict:
+    """The routing a training run at (hidden) cost weight `cost_lambda` aims at: per template,
+    the route (a pair, or a `cascade_table` route) with the highest mean reward, outcome -
+    cost_lambda x cost / cost_scale (a tie goes to the cheaper route, then the first name), and
+    what that routing scores: {"cost_lambda", "accuracy", "cost_per_task", "routes"}. Fitted on
+    the table's own items, like `template_frontier`: the point of the frontier that this
+    weight's reward prefers, which a policy that learned it perfectly would reach."""
+    if not table:
+        raise ConfigError("the pair table is empty.", fix="evaluate with --baselines first.")
+    if cost_lambda < 0 or cost_scale <= 0:
+        raise ConfigError(f"cost_lambda {cost_lambda} must be >= 0 and cost_scale {cost_scale} > 0.",
+                          field="cost_lambda", fix="use e.g. cost_lambda 1.1 and cost_scale 0.05.")
+    n = len(templates)
+    if any(len(results) != n for results in table.values()):
+        raise ConfigError("every route needs one result per item.", fix="pass the pair table of one evaluation.")
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(templates):
+        groups.setdefault(t, []).append(i)
+    routes, correct, cost = {}, 0.0, 0.0
+    for g, idx in sorted(groups.items()):
+        def key(r: str) -> tuple[float, float, str]:
+            ok = sum(table[r][i].outcome for i in idx)
+            spent = sum(table[r][i].total_cost for i in idx)
+            return (-(ok - cost_lambda * spent / cost_scale) / len(idx), spent, r)
+        best = min(table, key=key)
+        routes[g] = best
+        correct += sum(table[best][i].outcome for i in idx)
+        cost += sum(table[best][i].total_cost for i in idx)
+    return {"cost_lambda": cost_lambda, "accuracy": correct / n, "cost_per_task": cost / n, "routes": routes}
+
+
 def template_frontier(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
                       caps: Sequence[float], *, unit: float = 0.0001) -> list[dict]:
     """For each cap (USD per task): the template -> route choice (a pair, or a `cascade_table`

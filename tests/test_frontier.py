@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from maestro_core.errors import ConfigError
-from maestro_core.frontier import (cascade_table, price_bias_bound, question_template, route_rewards,
-                                   template_frontier)
+from maestro_core.frontier import (cascade_table, price_bias_bound, question_template, reward_optimal_routes,
+                                   route_rewards, template_frontier)
 
 
 def test_templates_keep_the_wording_and_drop_names_and_numbers():
@@ -130,3 +130,36 @@ def test_route_rewards_price_each_route_per_group_at_the_cost_weight():
     assert got["b"] == pytest.approx({"cheap": -0.2, "dear": 0.4, "cheap>dear@0.5": 0.2})  # escalated: both paid
     with pytest.raises(ConfigError, match="one result per item"):
         route_rewards(table, ["a"], cost_lambda=1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_reward_optimal_routing_maximises_the_reward_and_lies_on_or_below_the_frontier(seed):
+    rng = random.Random(seed)
+    templates = [rng.choice("abc") for _ in range(15)]
+    prices = {"cheap": 0.001, "mid": 0.01, "dear": 0.03}
+    table = {p: [SimpleNamespace(outcome=float(rng.random() < {"cheap": 0.3, "mid": 0.5, "dear": 0.9}[p]),
+                                 total_cost=price) for _ in templates] for p, price in prices.items()}
+    for lam in (0.0, 0.5, 1.1, 3.0):
+        got = reward_optimal_routes(table, templates, cost_lambda=lam, cost_scale=0.05)
+        assert set(got["routes"]) == set(templates)
+
+        def reward(route: dict) -> float:  # the mean reward of a whole routing, by brute force
+            return sum(table[route[t]][i].outcome - lam * table[route[t]][i].total_cost / 0.05
+                       for i, t in enumerate(templates)) / len(templates)
+
+        groups = sorted(set(templates))
+        best = max(reward(dict(zip(groups, c))) for c in itertools.product(sorted(table), repeat=len(groups)))
+        assert reward(got["routes"]) == pytest.approx(best)
+        picked = [table[got["routes"][t]][i] for i, t in enumerate(templates)]
+        assert got["accuracy"] == pytest.approx(sum(x.outcome for x in picked) / len(templates))
+        assert got["cost_per_task"] == pytest.approx(sum(x.total_cost for x in picked) / len(templates))
+        (point,) = template_frontier(table, templates, [got["cost_per_task"] + 1e-9])
+        assert got["accuracy"] <= point["accuracy"] + 1e-9  # no routing beats the frontier at its cost
+    # weight 0: the most accurate route per template, a tie going to the cheaper
+    tie = {"cheap": [SimpleNamespace(outcome=1.0, total_cost=0.001)], "dear": [SimpleNamespace(outcome=1.0,
+                                                                                                 total_cost=0.03)]}
+    assert reward_optimal_routes(tie, ["a"], cost_lambda=0.0)["routes"] == {"a": "cheap"}
+    with pytest.raises(ConfigError, match="cost_lambda"):
+        reward_optimal_routes(tie, ["a"], cost_lambda=-1.0)
+    with pytest.raises(ConfigError, match="one result per item"):
+        reward_optimal_routes(tie, ["a", "b"], cost_lambda=1.0)
