@@ -32,13 +32,19 @@ def brute_force(table, templates, cap):
     return best
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_the_frontier_equals_brute_force_on_random_tables(seed):
+def random_table(seed: int, n: int):
+    """Three pairs (cheap, mid, dear) on n items of templates a, b, c, right at random."""
     rng = random.Random(seed)
-    templates = [rng.choice("abc") for _ in range(12)]
+    templates = [rng.choice("abc") for _ in range(n)]
     prices = {"cheap": 0.001, "mid": 0.01, "dear": 0.03}
     table = {p: [SimpleNamespace(outcome=float(rng.random() < {"cheap": 0.3, "mid": 0.5, "dear": 0.9}[p]),
                                  total_cost=price) for _ in templates] for p, price in prices.items()}
+    return table, templates
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_frontier_equals_brute_force_on_random_tables(seed):
+    table, templates = random_table(seed, 12)
     caps = [0.001, 0.005, 0.012, 0.02, 0.03]
     for point, cap in zip(template_frontier(table, templates, caps), caps):
         acc, cost = brute_force(table, templates, cap)
@@ -134,11 +140,7 @@ def test_route_rewards_price_each_route_per_group_at_the_cost_weight():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_reward_optimal_routing_maximises_the_reward_and_lies_on_or_below_the_frontier(seed):
-    rng = random.Random(seed)
-    templates = [rng.choice("abc") for _ in range(15)]
-    prices = {"cheap": 0.001, "mid": 0.01, "dear": 0.03}
-    table = {p: [SimpleNamespace(outcome=float(rng.random() < {"cheap": 0.3, "mid": 0.5, "dear": 0.9}[p]),
-                                 total_cost=price) for _ in templates] for p, price in prices.items()}
+    table, templates = random_table(seed, 15)
     for lam in (0.0, 0.5, 1.1, 3.0):
         got = reward_optimal_routes(table, templates, cost_lambda=lam, cost_scale=0.05)
         assert set(got["routes"]) == set(templates)
