@@ -114,10 +114,13 @@ def test_route_frontier_reads_the_pair_table_of_an_evaluation(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
-                          "--metrics", str(out / "metrics.json"), "--out", str(tmp_path / "frontier")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          "--metrics", str(out / "metrics.json"), "--reward-optimal", "0", "1000",
+                          "--out", str(tmp_path / "frontier")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     f = json.loads((tmp_path / "frontier" / "frontier.json").read_text())
+    free, dear = f["reward_optimal"]  # at weight 0 the reward wants every answer; at 1000, the least cost
+    assert free["accuracy"] == 1.0 and dear["cost_per_task"] <= free["cost_per_task"]
+    assert "weight 1000:" in res.stdout and set(free["routes"]) == set(f["templates"])
     assert (tmp_path / "frontier" / "frontier.png").exists() and f["n_items"] == 6
     assert f["templates"] == ["arith: What is", "words: How many words are in a"]
     m = json.loads((out / "metrics.json").read_text())["systems"]
