@@ -679,7 +679,7 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any], prefix: 
         old = before.get(key, "(unset)") if isinstance(before, Mapping) else "(unset)"
         if isinstance(new, Mapping):
             out += config_changes(old if isinstance(old, Mapping) else {}, new, f"{prefix}{key}.")
-        elif old != json.loads(json.dumps(new)):  # as stored: tuples are lists in the checkpoint's JSON
+        elif old != json.loads(json.dumps(new, default=str)):  # as stored (save_checkpoint): tuples as lists
             out.append(f"{prefix}{key} {old!r} -> {new!r}")
     return out
 
