@@ -52,11 +52,13 @@ def main() -> None:
                         "of the cascades between them")
     p.add_argument("--reward-optimal", nargs="+", type=float, default=None, metavar="LAMBDA",
                    help="cost weights: print the reward-maximising routing by template at each, and what it scores")
+    p.add_argument("--score-routes", type=Path, default=None, metavar="FRONTIER_JSON",
+                   help="a frontier.json written with --reward-optimal (on another split): score its routings here")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
     from maestro_core.frontier import (cascade_table, load_pair_table, question_template, reward_optimal_routes,
-                                       route_rewards, template_frontier)
+                                       route_rewards, score_routing, template_frontier)
     from maestro_core.plots import cost_knob_plot
     from maestro_core.store import Store
 
@@ -99,6 +101,21 @@ def main() -> None:
                   + ("routes: " if not previous else "changed: ")
                   + ("; ".join(f"{t} -> {r}" for t, r in moved.items()) or "none"))
             previous = o["routes"]
+    scored = []
+    if args.score_routes:
+        chosen = json.loads(args.score_routes.read_text())
+        if not chosen.get("reward_optimal"):
+            p.error(f"{args.score_routes} has no reward_optimal routings: write it with --reward-optimal.")
+        print(f"the reward-optimal routings of {args.score_routes} (chosen on its {chosen.get('split')} items) "
+              f"scored on these {len(first)} items:")
+        for o in chosen["reward_optimal"]:
+            got = score_routing(routes, templates, o["routes"])
+            scored.append({"cost_lambda": o["cost_lambda"], "chosen_on": chosen.get("split"),
+                           "there": {k: o[k] for k in ("accuracy", "cost_per_task")}, **got})
+            print(f"  weight {o['cost_lambda']:g}: {got['accuracy']:.3f} at ${got['cost_per_task']:.6f}/task "
+                  f"(there {o['accuracy']:.3f} at ${o['cost_per_task']:.6f})"
+                  + (f"; templates it lacks, routed as their benchmark's most common route: {got['unseen']}"
+                     if got["unseen"] else ""))
     systems = {n: metrics["systems"][n] for n in SYSTEMS if n in metrics["systems"]}
     caps = args.caps or sorted({0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02, 0.025, 0.03,
                                 *(round(m["cost_per_task"], 6) for m in systems.values())})
@@ -127,7 +144,7 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "pairs": sorted(table),
          "pairs_under": args.pairs_under, "cascades": args.cascades, "templates": sorted(set(templates)),
-         "points": points, "reward_optimal": optimal, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
+         "points": points, "reward_optimal": optimal, "scored_routes": scored, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
          "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     print(f"wrote {args.out / stem}.json and {stem}.png ({time.perf_counter() - started:.1f} s)")
 

@@ -164,6 +164,35 @@ def reward_optimal_routes(table: Mapping[str, Sequence[Trajectory | RouteResult]
     return {"cost_lambda": cost_lambda, "accuracy": correct / n, "cost_per_task": cost / n, "routes": routes}
 
 
+def score_routing(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
+                  routes: Mapping[str, str]) -> dict:
+    """What a routing by template (template -> route, e.g. `reward_optimal_routes` chosen on
+    another split) scores on this table's items. A template the routing lacks takes the
+    route it gives most templates of the same benchmark (the text before ': '), a tie going
+    to the first name. {"accuracy", "cost_per_task", "unseen": {template: route used}}."""
+    if any(len(results) != len(templates) for results in table.values()):
+        raise ConfigError("every route needs one result per item.", fix="pass the pair table of one evaluation.")
+    unknown = sorted(set(routes.values()) - set(table))
+    if unknown:
+        raise ConfigError(f"the routing names routes this table lacks: {unknown}.", field="routes",
+                          fix="score it on a table with the same pairs (and --cascades, if it uses cascades).")
+    by_bench: dict[str, dict[str, int]] = {}
+    for t, r in routes.items():
+        counts = by_bench.setdefault(t.split(": ")[0], {})
+        counts[r] = counts.get(r, 0) + 1
+    chosen, unseen = dict(routes), {}
+    for t in sorted(set(templates) - set(routes)):
+        counts = by_bench.get(t.split(": ")[0])
+        if not counts:
+            raise ConfigError(f"the routing has no route for benchmark '{t.split(': ')[0]}' (template '{t}').",
+                              field="routes", fix="choose the routing on a split with that benchmark.")
+        chosen[t] = unseen[t] = min(counts, key=lambda r: (-counts[r], r))
+    n = len(templates)
+    picked = [table[chosen[t]][i] for i, t in enumerate(templates)]
+    return {"accuracy": sum(x.outcome for x in picked) / n, "cost_per_task": sum(x.total_cost for x in picked) / n,
+            "unseen": unseen}
+
+
 def template_frontier(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
                       caps: Sequence[float], *, unit: float = 0.0001) -> list[dict]:
     """For each cap (USD per task): the template -> route choice (a pair, or a `cascade_table`

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import BASE_REGISTRY
@@ -121,6 +122,15 @@ def test_route_frontier_reads_the_pair_table_of_an_evaluation(tmp_path):
     free, dear = f["reward_optimal"]  # at weight 0 the reward wants every answer; at 1000, the least cost
     assert free["accuracy"] == 1.0 and dear["cost_per_task"] <= free["cost_per_task"]
     assert "weight 1000:" in res.stdout and set(free["routes"]) == set(f["templates"])
+    # those routings scored on a table (here the same one) give back what they reported
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
+                          "--metrics", str(out / "metrics.json"), "--score-routes", str(tmp_path / "frontier" /
+                                                                                        "frontier.json"),
+                          "--out", str(tmp_path / "scored")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    scored = json.loads((tmp_path / "scored" / "frontier.json").read_text())["scored_routes"]
+    assert [v for s in scored for v in (s["accuracy"], s["cost_per_task"])] == pytest.approx(
+        [v for o in f["reward_optimal"] for v in (o["accuracy"], o["cost_per_task"])])
     assert (tmp_path / "frontier" / "frontier.png").exists() and f["n_items"] == 6
     assert f["templates"] == ["arith: What is", "words: How many words are in a"]
     m = json.loads((out / "metrics.json").read_text())["systems"]

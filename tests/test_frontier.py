@@ -8,7 +8,7 @@ import pytest
 
 from maestro_core.errors import ConfigError
 from maestro_core.frontier import (cascade_table, price_bias_bound, question_template, reward_optimal_routes,
-                                   route_rewards, template_frontier)
+                                   route_rewards, score_routing, template_frontier)
 
 
 def test_templates_keep_the_wording_and_drop_names_and_numbers():
@@ -165,3 +165,23 @@ def test_the_reward_optimal_routing_maximises_the_reward_and_lies_on_or_below_th
         reward_optimal_routes(tie, ["a"], cost_lambda=-1.0)
     with pytest.raises(ConfigError, match="one result per item"):
         reward_optimal_routes(tie, ["a", "b"], cost_lambda=1.0)
+
+
+def test_a_routing_scores_on_another_table_and_unseen_templates_take_their_benchmarks_common_route():
+    r = lambda ok, cost: SimpleNamespace(outcome=ok, total_cost=cost)  # noqa: E731
+    templates = ["charts: a", "charts: b", "charts: c", "math"]
+    table = {"cheap": [r(0.0, 0.01), r(1.0, 0.01), r(0.0, 0.01), r(1.0, 0.001)],
+             "dear": [r(1.0, 0.03), r(1.0, 0.03), r(1.0, 0.03), r(0.0, 0.03)]}
+    got = score_routing(table, templates, {"charts: a": "dear", "charts: b": "cheap", "charts: x": "dear",
+                                           "math": "cheap"})
+    assert got["unseen"] == {"charts: c": "dear"}  # two chart templates of three on dear
+    assert got["accuracy"] == 1.0 and got["cost_per_task"] == pytest.approx((0.03 + 0.01 + 0.03 + 0.001) / 4)
+    # on its own table, the reward optimum scores what it reported
+    best = reward_optimal_routes(table, templates, cost_lambda=1.0)
+    again = score_routing(table, templates, best["routes"])
+    assert again["unseen"] == {} and again["accuracy"] == pytest.approx(best["accuracy"])
+    assert again["cost_per_task"] == pytest.approx(best["cost_per_task"])
+    with pytest.raises(ConfigError, match="routes this table lacks"):
+        score_routing(table, templates, {"math": "oracle"})
+    with pytest.raises(ConfigError, match="no route for benchmark 'charts'"):
+        score_routing(table, templates, {"math": "cheap"})
