@@ -156,7 +156,8 @@ def reward_optimal_routes(table: Mapping[str, Sequence[Trajectory | RouteResult]
         def key(r: str) -> tuple[float, float, str]:
             ok = sum(table[r][i].outcome for i in idx)
             spent = sum(table[r][i].total_cost for i in idx)
-            return (-(ok - cost_lambda * spent / cost_scale) / len(idx), spent, r)
+            # rounded: an exact tie goes to the cheaper route, whatever the float sums' last bits
+            return (-round((ok - cost_lambda * spent / cost_scale) / len(idx), 9), spent, r)
         best = min(table, key=key)
         routes[g] = best
         correct += sum(table[best][i].outcome for i in idx)

@@ -185,3 +185,14 @@ def test_a_routing_scores_on_another_table_and_unseen_templates_take_their_bench
         score_routing(table, templates, {"math": "oracle"})
     with pytest.raises(ConfigError, match="no route for benchmark 'charts'"):
         score_routing(table, templates, {"math": "cheap"})
+
+
+def test_an_exact_reward_tie_goes_to_the_cheaper_route_whatever_the_float_sums():
+    # cheap: wrong for $0.001; dear: right for $0.01. At weight 0.05 / $0.009 their rewards tie
+    # exactly (0 - 1/9 = 1 - 10/9), though the float sums differ in the last bits
+    r = lambda ok, cost: SimpleNamespace(outcome=ok, total_cost=cost)  # noqa: E731
+    table = {"cheap": [r(0.0, 0.001)], "dear": [r(1.0, 0.01)]}
+    lam = 0.05 / (0.01 - 0.001)
+    rewards = route_rewards(table, ["t"], cost_lambda=lam)["t"]
+    assert rewards["cheap"] == pytest.approx(rewards["dear"])
+    assert reward_optimal_routes(table, ["t"], cost_lambda=lam)["routes"] == {"t": "cheap"}
