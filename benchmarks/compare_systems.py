@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--baselines {k} must leave at least one A and one B of the {len(args.system)} --system entries.")
     started = time.perf_counter()
     try:
-        loaded = []
-        for path, name in args.system:
-            with open(path, newline="") as f:
-                loaded.append(system_rows(csv.DictReader(f), name))
+        files: dict[str, list[dict]] = {}  # each results.csv read once, however many systems it gives
+        for path, _ in args.system:
+            if path not in files:
+                with open(path, newline="") as f:
+                    files[path] = list(csv.DictReader(f))
+        loaded = [system_rows(files[path], name) for path, name in args.system]
         split = len(loaded) - k
         diffs = [paired_difference(mine, other, system_a=name, system_b=label, resamples=args.resamples,
                                    level=args.level, seed=args.seed)

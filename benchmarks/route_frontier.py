@@ -59,6 +59,7 @@ def main() -> None:
 
     from maestro_core.frontier import (cascade_table, load_pair_table, question_template, reward_optimal_routes,
                                        route_rewards, score_routing, template_frontier)
+    from maestro_core.errors import ConfigError
     from maestro_core.plots import cost_knob_plot
     from maestro_core.store import Store
 
@@ -103,13 +104,19 @@ def main() -> None:
             previous = o["routes"]
     scored = []
     if args.score_routes:
-        chosen = json.loads(args.score_routes.read_text())
+        try:
+            chosen = json.loads(args.score_routes.read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--score-routes {args.score_routes}: {e}; pass a frontier.json this script wrote.")
         if not chosen.get("reward_optimal"):
             p.error(f"{args.score_routes} has no reward_optimal routings: write it with --reward-optimal.")
         print(f"the reward-optimal routings of {args.score_routes} (chosen on its {chosen.get('split')} items) "
               f"scored on these {len(first)} items:")
         for o in chosen["reward_optimal"]:
-            got = score_routing(routes, templates, o["routes"])
+            try:
+                got = score_routing(routes, templates, o["routes"])
+            except ConfigError as e:
+                p.error(str(e))
             scored.append({"cost_lambda": o["cost_lambda"], "chosen_on": chosen.get("split"),
                            "there": {k: o[k] for k in ("accuracy", "cost_per_task")}, **got})
             print(f"  weight {o['cost_lambda']:g}: {got['accuracy']:.3f} at ${got['cost_per_task']:.6f}/task "
@@ -144,7 +151,8 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "pairs": sorted(table),
          "pairs_under": args.pairs_under, "cascades": args.cascades, "templates": sorted(set(templates)),
-         "points": points, "reward_optimal": optimal, "scored_routes": scored, "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
+         "points": points, "reward_optimal": optimal, "scored_routes": scored,
+         "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
          "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     print(f"wrote {args.out / stem}.json and {stem}.png ({time.perf_counter() - started:.1f} s)")
 

@@ -6,7 +6,8 @@ On Maestro-Mini's 200 test items one item is 0.005 accuracy, so a bar such as "a
 the routers at no higher cost" is read against these intervals, not the point figures alone:
 
     rows = list(csv.DictReader(open("results.csv")))     # `maestro eval`'s per-item rows
-    d = paired_difference(rows_a, rows_b, system_a="policy", system_b="router:mlp")
+    a, b = system_rows(rows, "policy"), system_rows(rows, "router:mlp")
+    d = paired_difference(a, b, system_a="policy", system_b="router:mlp")
     d.accuracy_diff, d.accuracy_ci, d.cost_ratio, d.cost_ratio_ci, d.mcnemar_p
 """
 

@@ -64,6 +64,26 @@ def question_template(benchmark: str, question: str, *, words: int = 6) -> str:
     return f"{benchmark}: {' '.join(kept[:words])}"
 
 
+def template_benchmark(template: str) -> str:
+    """The benchmark a `question_template` belongs to ("charts: What is the" -> "charts")."""
+    return template.split(": ")[0]
+
+
+def _check_items(table: Mapping[str, Sequence], n: int) -> None:
+    """A ConfigError unless every route of the table has one result per item (n items)."""
+    if any(len(results) != n for results in table.values()):
+        raise ConfigError("every route needs one result per item.", fix="pass the pair table of one evaluation.")
+
+
+def _items_by_group(table: Mapping[str, Sequence], groups: Sequence[str]) -> dict[str, list[int]]:
+    """{group: indices of its items}, sorted by group (`_check_items` first)."""
+    _check_items(table, len(groups))
+    idx: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        idx.setdefault(g, []).append(i)
+    return dict(sorted(idx.items()))
+
+
 def routes_by_template(rows: Iterable[Mapping[str, str]], templates: Mapping[str, str]) -> dict[str, dict[str, dict]]:
     """Where each system of an evaluation sent each question template: {template: {system:
     {"n", "accuracy", "cost_per_task", "routes": {route: count}}}}, from the rows of
@@ -123,13 +143,8 @@ def route_rewards(table: Mapping[str, Sequence[Trajectory | RouteResult]], group
     """Mean training reward per episode of each route (a pair, or a `cascade_table` route) on
     each group of items (benchmark or template): outcome - cost_lambda x cost / cost_scale, the
     reward of a run with that (hidden) cost weight. {group: {route: mean reward}}."""
-    if any(len(results) != len(groups) for results in table.values()):
-        raise ConfigError("every route needs one result per item.", fix="pass the pair table of one evaluation.")
-    idx: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        idx.setdefault(g, []).append(i)
     return {g: {r: sum(table[r][i].outcome - cost_lambda * table[r][i].total_cost / cost_scale for i in ii) / len(ii)
-                for r in sorted(table)} for g, ii in sorted(idx.items())}
+                for r in sorted(table)} for g, ii in _items_by_group(table, groups).items()}
 
 
 def reward_optimal_routes(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str], *,
@@ -145,24 +160,13 @@ def reward_optimal_routes(table: Mapping[str, Sequence[Trajectory | RouteResult]
     if cost_lambda < 0 or cost_scale <= 0:
         raise ConfigError(f"cost_lambda {cost_lambda} must be >= 0 and cost_scale {cost_scale} > 0.",
                           field="cost_lambda", fix="use e.g. cost_lambda 1.1 and cost_scale 0.05.")
-    n = len(templates)
-    if any(len(results) != n for results in table.values()):
-        raise ConfigError("every route needs one result per item.", fix="pass the pair table of one evaluation.")
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(templates):
-        groups.setdefault(t, []).append(i)
-    routes, correct, cost = {}, 0.0, 0.0
-    for g, idx in sorted(groups.items()):
-        def key(r: str) -> tuple[float, float, str]:
-            ok = sum(table[r][i].outcome for i in idx)
-            spent = sum(table[r][i].total_cost for i in idx)
-            # rounded: an exact tie goes to the cheaper route, whatever the float sums' last bits
-            return (-round((ok - cost_lambda * spent / cost_scale) / len(idx), 9), spent, r)
-        best = min(table, key=key)
-        routes[g] = best
-        correct += sum(table[best][i].outcome for i in idx)
-        cost += sum(table[best][i].total_cost for i in idx)
-    return {"cost_lambda": cost_lambda, "accuracy": correct / n, "cost_per_task": cost / n, "routes": routes}
+    rewards = route_rewards(table, templates, cost_lambda=cost_lambda, cost_scale=cost_scale)
+    routes = {}
+    for g, idx in _items_by_group(table, templates).items():  # rounded: an exact tie goes to the cheaper route
+        routes[g] = min(table, key=lambda r: (-round(rewards[g][r], 9), sum(table[r][i].total_cost for i in idx), r))
+    scored = score_routing(table, templates, routes)
+    return {"cost_lambda": cost_lambda, "accuracy": scored["accuracy"], "cost_per_task": scored["cost_per_task"],
+            "routes": routes}
 
 
 def score_routing(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
@@ -171,21 +175,20 @@ def score_routing(table: Mapping[str, Sequence[Trajectory | RouteResult]], templ
     another split) scores on this table's items. A template the routing lacks takes the
     route it gives most templates of the same benchmark (the text before ': '), a tie going
     to the first name. {"accuracy", "cost_per_task", "unseen": {template: route used}}."""
-    if any(len(results) != len(templates) for results in table.values()):
-        raise ConfigError("every route needs one result per item.", fix="pass the pair table of one evaluation.")
+    _check_items(table, len(templates))
     unknown = sorted(set(routes.values()) - set(table))
     if unknown:
         raise ConfigError(f"the routing names routes this table lacks: {unknown}.", field="routes",
                           fix="score it on a table with the same pairs (and --cascades, if it uses cascades).")
     by_bench: dict[str, dict[str, int]] = {}
     for t, r in routes.items():
-        counts = by_bench.setdefault(t.split(": ")[0], {})
+        counts = by_bench.setdefault(template_benchmark(t), {})
         counts[r] = counts.get(r, 0) + 1
     chosen, unseen = dict(routes), {}
     for t in sorted(set(templates) - set(routes)):
-        counts = by_bench.get(t.split(": ")[0])
+        counts = by_bench.get(template_benchmark(t))
         if not counts:
-            raise ConfigError(f"the routing has no route for benchmark '{t.split(': ')[0]}' (template '{t}').",
+            raise ConfigError(f"the routing has no route for benchmark '{template_benchmark(t)}' (template '{t}').",
                               field="routes", fix="choose the routing on a split with that benchmark.")
         chosen[t] = unseen[t] = min(counts, key=lambda r: (-counts[r], r))
     n = len(templates)
@@ -206,9 +209,7 @@ def template_frontier(table: Mapping[str, Sequence[Trajectory | RouteResult]], t
         raise ConfigError("every pair needs one episode per item.", fix="pass the pair table of one evaluation.")
     if unit <= 0:
         raise ConfigError("unit must be > 0.", field="unit", fix="use e.g. 0.0001.")
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(templates):
-        groups.setdefault(t, []).append(i)
+    groups = _items_by_group(table, templates)
     # per template and pair: (correct answers, total cost in units), without the dominated ones
     # (another route as right at no higher cost), which no optimum needs
     options = {g: _undominated([(p, sum(table[p][i].outcome for i in idx),

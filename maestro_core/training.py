@@ -676,7 +676,7 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any], prefix: 
     as 'grpo.beta'; a setting `before` lacks, from an older checkpoint, counts as changed)."""
     out = []
     for key, new in after.items():
-        old = before.get(key, "(unset)") if isinstance(before, Mapping) else "(unset)"
+        old = before.get(key, "(unset)")
         if isinstance(new, Mapping):
             out += config_changes(old if isinstance(old, Mapping) else {}, new, f"{prefix}{key}.")
         elif old != json.loads(json.dumps(new, default=str)):  # as stored (save_checkpoint): tuples as lists
