@@ -16,12 +16,17 @@ cascades between them (frontier.route_rewards), e.g. `--cascades 0.3 --rewards 1
 tesseract@@chart rapidocr@@chart`. `--reward-optimal 0.7 1.1 1.4` prints, for each cost weight,
 the routing by template that maximises that weight's mean training reward (with the cascades
 when --cascades is given; frontier.reward_optimal_routes) and its accuracy and cost: where a
-run at that weight would land if it learned its reward's optimum.
+run at that weight would land if it learned its reward's optimum. `--splits router:mlp router:knn`
+asks, for each named system of the evaluation (its routes from the results.csv beside
+--metrics), whether it splits a template's items between routes on a cue or as a mix: its
+right answers there against the same routes shuffled among the template's items
+(frontier.split_gain).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
 import sys
@@ -54,11 +59,15 @@ def main() -> None:
                    help="cost weights: print the reward-maximising routing by template at each, and what it scores")
     p.add_argument("--score-routes", type=Path, default=None, metavar="FRONTIER_JSON",
                    help="a frontier.json written with --reward-optimal (on another split): score its routings here")
+    p.add_argument("--splits", nargs="+", default=None, metavar="SYSTEM",
+                   help="systems of the evaluation (e.g. router:mlp): is their split of a template's items between "
+                        "routes better than the same routes shuffled?")
+    p.add_argument("--shuffles", type=int, default=10000, help="draws per template for --splits")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
     from maestro_core.frontier import (cascade_table, load_pair_table, question_template, reward_optimal_routes,
-                                       route_rewards, score_routing, template_frontier)
+                                       route_rewards, score_routing, split_gain, template_frontier)
     from maestro_core.errors import ConfigError
     from maestro_core.plots import cost_knob_plot
     from maestro_core.store import Store
@@ -123,6 +132,35 @@ def main() -> None:
                   f"(there {o['accuracy']:.3f} at ${o['cost_per_task']:.6f})"
                   + (f"; templates it lacks, routed as their benchmark's most common route: {got['unseen']}"
                      if got["unseen"] else ""))
+    splits = {}
+    if args.splits:
+        results = args.metrics.parent / "results.csv"
+        try:
+            with results.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except OSError as e:
+            p.error(f"--splits reads {results} beside --metrics: {e}.")
+        for name in args.splits:
+            took = {r["item_id"]: r["route"] for r in rows if r["system"] == name}
+            missing = [t.item_id for t in first if t.item_id not in took]
+            if missing:
+                have = sorted({r["system"] for r in rows})
+                p.error(f"--splits {name}: {results} has no route for {len(missing)} of the {len(first)} items "
+                        f"(e.g. {missing[0]}); its systems are {have}.")
+            try:
+                got = split_gain(routes, templates, [took[t.item_id] for t in first], shuffles=args.shuffles)
+            except ConfigError as e:
+                p.error(str(e))
+            splits[name] = got
+            tot = got["total"]
+            print(f"{name}: split {tot['templates']} templates ({tot['n']} items): {tot['correct']:g} right, "
+                  f"{tot['expected']:.1f} with its routes shuffled within each template (p {tot['p']:.3f}); "
+                  f"not split: {len(got['skipped'])} templates ("
+                  + ", ".join(f"{sum(v == why for v in got['skipped'].values())} {why}"
+                              for why in sorted(set(got["skipped"].values()))) + ")")
+            for g, o in got["templates"].items():
+                print(f"  {g}: {o['n']} items, routes {o['routes']}: {o['correct']:g} right, shuffled "
+                      f"{o['expected']:.1f} (p {o['p']:.3f}); each route alone {o['each_route_alone']}")
     systems = {n: metrics["systems"][n] for n in SYSTEMS if n in metrics["systems"]}
     caps = args.caps or sorted({0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.012, 0.015, 0.02, 0.025, 0.03,
                                 *(round(m["cost_per_task"], 6) for m in systems.values())})
@@ -151,7 +189,7 @@ def main() -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"run_id": run, "split": metrics.get("split"), "n_items": len(first), "pairs": sorted(table),
          "pairs_under": args.pairs_under, "cascades": args.cascades, "templates": sorted(set(templates)),
-         "points": points, "reward_optimal": optimal, "scored_routes": scored,
+         "points": points, "reward_optimal": optimal, "scored_routes": scored, "splits": splits,
          "systems": {n: {k: m[k] for k in ("accuracy", "cost_per_task")} for n, m in systems.items()},
          "seconds": round(time.perf_counter() - started, 1)}, indent=2))
     print(f"wrote {args.out / stem}.json and {stem}.png ({time.perf_counter() - started:.1f} s)")

@@ -197,6 +197,57 @@ def score_routing(table: Mapping[str, Sequence[Trajectory | RouteResult]], templ
             "unseen": unseen}
 
 
+def split_gain(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
+               routes: Sequence[str], *, shuffles: int = 10000, seed: int = 0) -> dict:
+    """Does a system that splits a template's items between routes (`routes[i]`: the route it
+    took on item i, e.g. router:mlp's from results.csv) use a cue below the template, or is its
+    split as good as chance? Per template where it took two or more routes, all in the table:
+    the answers its routes got right there, the mean of the same count with its routes shuffled
+    among the template's items (same routes, same numbers of each: `shuffles` draws), and p =
+    the share of draws that got at least as many right. "total" sums those templates and
+    shuffles them all at once. A gain near 0 with a large p: the split carries no cue, only a
+    mix of the routes. Templates with one route, or a route the table lacks, are in "skipped"."""
+    import random
+
+    if len(routes) != len(templates):
+        raise ConfigError(f"{len(routes)} routes for {len(templates)} items.", field="routes",
+                          fix="give the system's route on every item of the pair table, in its order.")
+    if shuffles < 1:
+        raise ConfigError(f"shuffles {shuffles} must be >= 1.", field="shuffles", fix="use e.g. 10000.")
+    rng = random.Random(seed)
+    split, skipped = {}, {}
+    for g, idx in _items_by_group(table, templates).items():
+        used = [routes[i] for i in idx]
+        if len(set(used)) < 2 or any(r not in table for r in used):
+            skipped[g] = "a route the table lacks" if any(r not in table for r in used) else "one route"
+            continue
+        split[g] = (idx, used)
+
+    def right(pairs: Iterable[tuple[int, str]]) -> float:
+        return sum(table[r][i].outcome for i, r in pairs)
+
+    out: dict[str, dict] = {}
+    draws_total = [0.0] * shuffles
+    for g, (idx, used) in split.items():
+        observed, mixed, draws = right(zip(idx, used)), list(used), []
+        for k in range(shuffles):
+            rng.shuffle(mixed)
+            draws.append(right(zip(idx, mixed)))
+            draws_total[k] += draws[-1]
+        counts: dict[str, int] = {}
+        for r in used:
+            counts[r] = counts.get(r, 0) + 1
+        out[g] = {"n": len(idx), "routes": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+                  "correct": observed, "expected": sum(draws) / shuffles,
+                  "p": sum(d >= observed - 1e-9 for d in draws) / shuffles,
+                  "each_route_alone": {r: right((i, r) for i in idx) for r in sorted(counts)}}
+    observed = sum(o["correct"] for o in out.values())
+    total = {"templates": len(out), "n": sum(o["n"] for o in out.values()), "correct": observed,
+             "expected": sum(draws_total) / shuffles if out else 0.0,
+             "p": sum(d >= observed - 1e-9 for d in draws_total) / shuffles if out else 1.0}
+    return {"templates": out, "total": total, "skipped": skipped, "shuffles": shuffles}
+
+
 def template_frontier(table: Mapping[str, Sequence[Trajectory | RouteResult]], templates: Sequence[str],
                       caps: Sequence[float], *, unit: float = 0.0001) -> list[dict]:
     """For each cap (USD per task): the template -> route choice (a pair, or a `cascade_table`

@@ -116,12 +116,21 @@ def test_route_frontier_reads_the_pair_table_of_an_evaluation(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
                           "--metrics", str(out / "metrics.json"), "--reward-optimal", "0", "1000",
+                          "--splits", "random", "--shuffles", "200",
                           "--out", str(tmp_path / "frontier")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     f = json.loads((tmp_path / "frontier" / "frontier.json").read_text())
     free, dear = f["reward_optimal"]  # at weight 0 the reward wants every answer; at 1000, the least cost
     assert free["accuracy"] == 1.0 and dear["cost_per_task"] <= free["cost_per_task"]
     assert "weight 1000:" in res.stdout and set(free["routes"]) == set(f["templates"])
+    # the random pair's routes, read from results.csv beside the metrics, split or not per template
+    mix = f["splits"]["random"]
+    assert set(mix["templates"]) | set(mix["skipped"]) == set(f["templates"]) and mix["shuffles"] == 200
+    assert "random: split" in res.stdout
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
+                          "--metrics", str(out / "metrics.json"), "--splits", "router:none",
+                          "--out", str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 2 and "router:none" in res.stderr and "its systems are" in res.stderr
     # those routings scored on a table (here the same one) give back what they reported
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
                           "--metrics", str(out / "metrics.json"), "--score-routes", str(tmp_path / "frontier" /

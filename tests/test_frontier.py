@@ -196,3 +196,32 @@ def test_an_exact_reward_tie_goes_to_the_cheaper_route_whatever_the_float_sums()
     rewards = route_rewards(table, ["t"], cost_lambda=lam)["t"]
     assert rewards["cheap"] == pytest.approx(rewards["dear"])
     assert reward_optimal_routes(table, ["t"], cost_lambda=lam)["routes"] == {"t": "cheap"}
+
+
+def test_a_split_on_a_real_cue_beats_its_shuffles_and_a_split_by_a_coin_does_not():
+    from maestro_core.frontier import split_gain
+
+    table, templates = random_table(7, 120)
+    rng = random.Random(1)
+    # on a cue: each item of template a to the route that is right there when one is (an oracle
+    # split); a coin: the same routes at random, blind to the outcomes
+    cue = [("cheap" if table["cheap"][i].outcome else "dear") if t == "a" else "mid" for i, t in enumerate(templates)]
+    coin = [rng.choice(["cheap", "dear"]) if t == "a" else "mid" for t in templates]
+    smart, blind = split_gain(table, templates, cue, shuffles=2000), split_gain(table, templates, coin, shuffles=2000)
+    assert set(smart["templates"]) == {"a"} and smart["skipped"] == {"b": "one route", "c": "one route"}
+    a = smart["templates"]["a"]
+    n_a = templates.count("a")
+    assert a["n"] == n_a and sum(a["routes"].values()) == n_a
+    # the shuffles' mean is each route's share times its accuracy on the template
+    exact = sum(k * a["each_route_alone"][r] / n_a for r, k in a["routes"].items())
+    assert a["expected"] == pytest.approx(exact, abs=0.3)
+    assert a["correct"] > a["expected"] + 3 and a["p"] < 0.01 and smart["total"]["p"] == a["p"]
+    b = blind["templates"]["a"]
+    assert b["p"] > 0.05 and abs(b["correct"] - b["expected"]) < 5
+    # a route the table lacks is not scored; bad input is an error
+    lacks = split_gain(table, templates, ["other" if r == "cheap" else r for r in coin], shuffles=10)
+    assert lacks["skipped"]["a"] == "a route the table lacks" and lacks["total"]["templates"] == 0
+    with pytest.raises(ConfigError, match="routes for"):
+        split_gain(table, templates, coin[:-1])
+    with pytest.raises(ConfigError, match="shuffles"):
+        split_gain(table, templates, coin, shuffles=0)
