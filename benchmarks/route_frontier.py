@@ -63,6 +63,8 @@ def main() -> None:
                    help="systems of the evaluation (e.g. router:mlp): is their split of a template's items between "
                         "routes better than the same routes shuffled?")
     p.add_argument("--shuffles", type=int, default=10000, help="draws per template for --splits")
+    p.add_argument("--template-words", type=int, default=6, metavar="N",
+                   help="words of the question that name its template (frontier.question_template; default 6)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "frontier")
     args = p.parse_args()
 
@@ -85,7 +87,10 @@ def main() -> None:
     if args.cascades:
         routes.update(cascade_table(table, args.cascades))
         print(f"{len(routes) - len(table)} two-call cascades at confidences {args.cascades}")
-    templates = [question_template(t.benchmark, _QUESTION.search(t.prompt_text).group(1)) for t in first]
+    if args.template_words < 1:
+        p.error(f"--template-words {args.template_words}: use 1 or more (default 6).")
+    templates = [question_template(t.benchmark, _QUESTION.search(t.prompt_text).group(1), words=args.template_words)
+                 for t in first]
     if args.rewards:
         try:
             lam, pairs = float(args.rewards[0]), args.rewards[1:]
@@ -174,8 +179,9 @@ def main() -> None:
     at = {q["cap"]: q for q in points}
     for n, m in systems.items():
         f = at.get(round(m["cost_per_task"], 6))
-        print(f"{n:>11} {m['accuracy']:>9.3f} {m['cost_per_task']:>12.6f}   frontier there: "
-              f"{f['accuracy'] if f and f['accuracy'] is not None else float('nan'):.3f}")
+        there = (f"{f['accuracy']:.3f}" if f and f["accuracy"] is not None
+                 else "none under that cost" if f else "not computed (add its cost to --caps)")
+        print(f"{n:>11} {m['accuracy']:>9.3f} {m['cost_per_task']:>12.6f}   frontier there: {there}")
     args.out.mkdir(parents=True, exist_ok=True)
     shown = [dict(q, label="") for q in points if q["accuracy"] is not None]
     stem, more = "frontier", None

@@ -150,7 +150,9 @@ def test_route_frontier_reads_the_pair_table_of_an_evaluation(tmp_path):
     # with only the pairs a $0.0015 budget allows (the calculator), the word counts are lost
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "route_frontier.py"), "--home", str(home),
                           "--metrics", str(out / "metrics.json"), "--pairs-under", "0.0015", "--caps", "0.01",
+                          "--template-words", "2",
                           "--out", str(tmp_path / "cheap")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     cheap = json.loads((tmp_path / "cheap" / "frontier.json").read_text())
     assert cheap["pairs"] == ["calc@@math"] and cheap["points"][0]["accuracy"] == 0.5
+    assert cheap["templates"] == ["arith: What is", "words: How many"]  # the first two words name a template
