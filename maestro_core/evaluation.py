@@ -29,6 +29,7 @@ from typing import Callable, Collection, Mapping, Sequence
 import numpy as np
 
 from maestro_core.cache import ExpertCache
+from maestro_core.comparison import paired_difference
 from maestro_core.dataset import Item
 from maestro_core.episode import EpisodeConfig, EpisodeRunner, build_messages
 from maestro_core.experts.base import ExpertBackend
@@ -245,6 +246,9 @@ def write_outputs(out: Path, *, systems: Mapping[str, tuple[list[Trajectory], li
             # 0 = the best single pair, 1 = the oracle (the ceiling of per-query routing)
             metrics["normalised_gain"] = {k: (v["accuracy"] - singles[best]) / metrics["oracle_gap"]
                                           for k, v in metrics["systems"].items()}
+    paired = paired_comparisons(systems, items, best_single=metrics.get("best_single", {}).get("system"))
+    if paired:
+        metrics["paired"] = paired
     metrics["plots"] = write_plots(metrics, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with (out / "results.csv").open("w", newline="") as f:
@@ -259,6 +263,23 @@ def write_outputs(out: Path, *, systems: Mapping[str, tuple[list[Trajectory], li
                             t.episode_id])
     (out / "report.md").write_text(format_report(metrics))
     return metrics
+
+
+def paired_comparisons(systems: Mapping[str, tuple[list[Trajectory], list[str]]], items: Sequence[Item], *,
+                       best_single: str | None = None, system: str = "policy") -> dict[str, dict]:
+    """`system` (the policy) against each router and the best single pair on the same items
+    (comparison.paired_difference: accuracy difference and cost ratio with paired bootstrap 95%
+    intervals, the items only one got right, an exact McNemar p): {other: PairedDifference as a
+    dict}; empty without the policy or anything to compare it with."""
+    if system not in systems:
+        return {}
+    others = sorted(n for n in systems if n.startswith("router:")) + ([best_single] if best_single else [])
+
+    def rows(name: str) -> dict[str, tuple[float, float]]:
+        return {it.id: (t.outcome, t.total_cost) for it, t in zip(items, systems[name][0])}
+
+    mine = rows(system)
+    return {o: paired_difference(mine, rows(o), system_a=system, system_b=o).as_dict() for o in others}
 
 
 def format_report(metrics: Mapping) -> str:
@@ -279,6 +300,19 @@ def format_report(metrics: Mapping) -> str:
                      f"{m['calls_per_task']:.2f} | {opt(m.get('expensive_share'), '.3f')} | "
                      f"{m['latency_p50_s']:.3f} | {m['latency_p95_s']:.3f} | {m['error_rate']:.3f} | "
                      + " | ".join(f"{m['per_benchmark'].get(b, float('nan')):.2f}" for b in benches) + " |")
+    if metrics.get("paired"):
+        lines += ["", "Paired on the same items (95% bootstrap intervals over the items; McNemar p on the items only "
+                  "one system got right):", "",
+                  "| policy vs | accuracy diff (interval) | cost ratio (interval) | only policy / only other right "
+                  "| McNemar p | as accurate at no higher cost |", "|---" * 6 + "|"]
+        for name, d in metrics["paired"].items():
+            (alo, ahi), (rlo, rhi) = d["accuracy_ci"], d["cost_ratio_ci"]
+            verdict = "yes" if d["accuracy_diff"] >= -1e-12 and d["cost_a"] <= d["cost_b"] + 1e-12 else "no"
+            if verdict == "no" and alo <= 0 <= ahi and rlo <= 1 <= rhi:
+                verdict = "no; a tie within both intervals"
+            lines.append(f"| {name} | {d['accuracy_diff']:+.3f} ({alo:+.3f} to {ahi:+.3f}) | {d['cost_ratio']:.2f} "
+                         f"({rlo:.2f} to {rhi:.2f}) | {d['only_a']} / {d['only_b']} | {d['mcnemar_p']:.3f} | "
+                         f"{verdict} |")
     notes = []
     if "best_single" in metrics:
         notes.append(f"Best single pair: {metrics['best_single']['system']} "

@@ -153,3 +153,29 @@ async def test_write_outputs_with_one_system_still_writes_the_plots(reg, tmp_pat
         data = (tmp_path / name).read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| expert:calc@@math | 0.333 | - |" in (tmp_path / "report.md").read_text()
+
+
+async def test_the_report_pairs_the_policy_with_each_router_and_the_best_single_pair(reg, tmp_path):
+    items, train = make_items(12), make_items(20, offset=100, split="train")
+    experts, cache = build_experts(reg), ExpertCache(None)
+    table = await pair_table(reg, experts, items, cache=cache, run_id="ev")
+    train_table = await pair_table(reg, experts, train, cache=cache, run_id="ev-train")
+    systems = baseline_systems(reg, items, table, train_items=train, train_table=train_table)
+    systems["policy"] = systems["oracle"]  # a policy that routes as the oracle does
+    metrics = write_outputs(tmp_path, systems=systems, items=items, split="test", registry=reg, checkpoint="none")
+    best = metrics["best_single"]["system"]
+    assert set(metrics["paired"]) == {"router:knn", "router:mlp", best}
+    d = metrics["paired"][best]  # the oracle gets all 12, one pair only its 6
+    assert (d["accuracy_a"], d["accuracy_b"], d["only_a"], d["only_b"]) == (1.0, 0.5, 6, 0)
+    assert d["accuracy_ci"][0] > 0 and d["mcnemar_p"] == pytest.approx(2 / 2 ** 6)
+    for name, d in metrics["paired"].items():
+        s = metrics["systems"]
+        assert d["accuracy_diff"] == pytest.approx(s["policy"]["accuracy"] - s[name]["accuracy"])
+        assert d["cost_ratio"] == pytest.approx(s["policy"]["cost_per_task"] / s[name]["cost_per_task"])
+    report = (tmp_path / "report.md").read_text()
+    assert "Paired on the same items" in report and f"| {best} | +0.500" in report
+    assert json.loads((tmp_path / "metrics.json").read_text())["paired"][best]["only_a"] == 6
+    # without a policy there is nothing to pair
+    del systems["policy"]
+    assert "paired" not in write_outputs(tmp_path / "b", systems=systems, items=items, split="test", registry=reg,
+                                         checkpoint="none")
