@@ -22,6 +22,7 @@ the scored items, so an upper bound for any per-pair price such as the price til
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -207,8 +208,6 @@ def split_gain(table: Mapping[str, Sequence[Trajectory | RouteResult]], template
     the share of draws that got at least as many right. "total" sums those templates and
     shuffles them all at once. A gain near 0 with a large p: the split carries no cue, only a
     mix of the routes. Templates with one route, or a route the table lacks, are in "skipped"."""
-    import random
-
     if len(routes) != len(templates):
         raise ConfigError(f"{len(routes)} routes for {len(templates)} items.", field="routes",
                           fix="give the system's route on every item of the pair table, in its order.")
