@@ -23,6 +23,7 @@ from tasks import (build_dataset, collect_chunk, collect_rollouts, evaluate, fin
 from tasks.artifacts import publish_eval_artifacts, publish_training_artifacts
 from tasks.dataset import load_items
 from tasks.registry import registry_version
+from tasks.run_log import run_log
 from maestro_core.rollouts import chunk_specs
 
 Runner = Literal["local", "dask"]
@@ -50,7 +51,7 @@ def make_task_runner(runner: Runner = "local", *, max_workers: int | None = None
     raise ValueError(f"runner must be 'local' or 'dask', got {runner!r}")
 
 
-@flow(name="train-orchestrator", log_prints=True)
+@flow(name="train-orchestrator")
 def train_orchestrator(config_path: str | None = None, iterations: int | None = None, run_id: str | None = None,
                        fresh: bool = False, home: str | None = None, registry: str | None = None,
                        runner: Runner = "local", dask_address: str | None = None, dask_workers: int = 2,
@@ -84,7 +85,7 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
         train = [it for it in suite if it.split == "train"]
         val = [it for it in suite if it.split == "val"]
         run_id, out_dir = choose_run(store, tcfg, run_id, fresh=fresh, registry_version=reg.version, policy=pcfg)
-        print(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
+        run_log(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
               f"{tcfg.grpo.num_generations} episodes; outputs in {out_dir}")
         run = open_training_run(reg, train, val, store=store, experts=build_experts(reg), config=tcfg,
                                 out_dir=out_dir, run_id=run_id, data_version=data_version(train + val),
@@ -113,7 +114,7 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
             "test": {k: v["accuracy"] for k, v in metrics["systems"].items()} if metrics else None}
 
 
-@flow(name="evaluate-orchestrator", log_prints=True)
+@flow(name="evaluate-orchestrator")
 def evaluate_orchestrator(config_path: str | None = None, split: str = "test", data: str | None = None,
                           registry: str | None = None, out: str | None = None, home: str | None = None,
                           checkpoint: str = "none") -> dict[str, Any]:
@@ -130,7 +131,7 @@ def evaluate_orchestrator(config_path: str | None = None, split: str = "test", d
     return {"out": out, "run_id": metrics.get("run_id"), "systems": {k: v["accuracy"] for k, v in metrics["systems"].items()}}
 
 
-@flow(name="collect-and-store", log_prints=True)
+@flow(name="collect-and-store")
 def collect_and_store(policy_spec: dict[str, Any], run_id: str | None = None, iteration: int = 0,
                       data: str | None = None, split: str = "train", limit: int | None = None,
                       registry: str | None = None, chunk_size: int = 8, group_size: int = 1,
@@ -152,7 +153,7 @@ def collect_and_store(policy_spec: dict[str, Any], run_id: str | None = None, it
             "shards": loaded["uris"]}
 
 
-@flow(name="retrain-on-registry-update", log_prints=True)
+@flow(name="retrain-on-registry-update")
 def retrain_on_registry_update(registry_path: str, version: str = "", config_path: str | None = None,
                                home: str | None = None, out: str | None = None,
                                iterations: int | None = None) -> dict[str, Any]:

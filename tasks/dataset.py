@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import time
 from datetime import timedelta
@@ -51,9 +49,7 @@ def build_dataset(config: dict[str, Any] | None = None, home: str | None = None)
             last[0] = time.monotonic()
             logger.info(f"building the suite: {what} {done}/{total}")
 
-    # `datasets` fingerprints tables with dill, which under Prefect's print capture dumps
-    # bytecode to stdout: the build reports through `progress`, so its stdout is dropped
-    with Store(home) as store, contextlib.redirect_stdout(io.StringIO()):
+    with Store(home) as store:
         res = build_suite(suite_cfg, store.home, store.objects, store=store, progress=progress)
     return {"version": res.version, "counts": dict(res.counts), "location": res.location, "reused": res.reused}
 

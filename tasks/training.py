@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from maestro_core.rollouts import ChunkSpec, run_chunk
 from maestro_core.training import TrainingRun
 from tasks.retry import RETRY
+from tasks.run_log import run_log
 
 
 @task(name="open_training_run", cache_policy=NO_CACHE)
@@ -25,10 +26,9 @@ def open_training_run(registry, train_items, val_items, *, store, experts, confi
     served `policy` section, the learner loaded from its checkpoint) or the run resumed from its
     latest checkpoint."""
     get_run_logger().info(f"opening training run {run_id} in {out_dir}")
-    # the run logs one line per iteration with print: the flow (log_prints) records it
     return TrainingRun(registry, train_items, val_items, store=store, experts=experts, config=config,
                        out_dir=out_dir, run_id=run_id, data_version=data_version, registry_path=registry_path,
-                       log=print, policy=policy)
+                       log=run_log, policy=policy)
 
 
 @task(name="collect_chunk", task_run_name="collect-{spec.run_id}-it{spec.iteration}-c{spec.chunk}",

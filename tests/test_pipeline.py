@@ -306,3 +306,50 @@ def test_train_flow_on_a_dask_cluster(tiny, tmp_path):
     assert len(trajs) == 2 * 4 * 4
     assert len({(t.iteration, t.item_id, t.sample_index) for t in trajs}) == len(trajs)
     assert {t.checkpoint_id for t in trajs} == {f"{res['run_id']}/ckpt-0", f"{res['run_id']}/ckpt-1"}
+
+
+def test_progress_goes_to_the_run_logger_and_leaves_dills_stdout_capture_alone(capsys):
+    """The flows log progress through tasks.run_log, not print + log_prints: with log_prints,
+    Prefect logged the bytecode that dill prints into its own stdout capture while `datasets`
+    and TRL fingerprint functions (hundreds of lines per run), and dill then found no globals."""
+    import dill.detect
+    from prefect import flow, task
+
+    from flows import pipeline
+    from tasks.run_log import run_log
+
+    def reads_globals():
+        return ITEMS and len(ITEMS)
+
+    @task
+    def step():
+        run_log("iteration 0: progress")
+        return sorted(dill.detect.nestedglobals(reads_globals))
+
+    @flow
+    def run():
+        return step()
+
+    import logging
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    seen, prefect_logger = Lines(), logging.getLogger("prefect")
+    prefect_logger.addHandler(seen)
+    try:
+        names = run()
+    finally:
+        prefect_logger.removeHandler(seen)
+    assert {"ITEMS", "len"} <= set(names)  # dill read its own capture
+    assert "iteration 0: progress" in seen.lines and not any("LOAD_GLOBAL" in x for x in seen.lines)
+    for f in (pipeline.train_orchestrator, pipeline.evaluate_orchestrator, pipeline.collect_and_store,
+              pipeline.retrain_on_registry_update):
+        assert not f.log_prints, f.name
+    run_log("outside a run")  # prints instead
+    assert "outside a run" in capsys.readouterr().out
