@@ -222,21 +222,24 @@ def load_learner(checkpoint: str | Path, *, vision: bool = False):
     from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from maestro_core.weights import model_loading
+
     hf_logging.disable_progress_bar()
     src = str(checkpoint)
     local = Path(src).is_dir()
     try:
-        if vision:
-            from transformers import AutoModelForImageTextToText
+        with model_loading():
+            if vision:
+                from transformers import AutoModelForImageTextToText
 
-            proc = AutoProcessor.from_pretrained(src, local_files_only=local)
-            model = AutoModelForImageTextToText.from_pretrained(src, local_files_only=local, dtype=torch.float32)
-            if not hasattr(proc, "tokenizer"):
-                raise ValueError(f"{type(proc).__name__} is a tokenizer, not a vision-language processor")
-            tok = proc.tokenizer
-        else:
-            tok = proc = AutoTokenizer.from_pretrained(src, local_files_only=local)
-            model = AutoModelForCausalLM.from_pretrained(src, local_files_only=local, dtype=torch.float32)
+                proc = AutoProcessor.from_pretrained(src, local_files_only=local)
+                model = AutoModelForImageTextToText.from_pretrained(src, local_files_only=local, dtype=torch.float32)
+                if not hasattr(proc, "tokenizer"):
+                    raise ValueError(f"{type(proc).__name__} is a tokenizer, not a vision-language processor")
+                tok = proc.tokenizer
+            else:
+                tok = proc = AutoTokenizer.from_pretrained(src, local_files_only=local)
+                model = AutoModelForCausalLM.from_pretrained(src, local_files_only=local, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load the learner from '{src}': {e}", entry="policy", field="checkpoint",
                           fix="pass a folder with config.json, the weights and the tokenizer (with vision: the "

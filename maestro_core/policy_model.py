@@ -26,10 +26,13 @@ def build_tiny_model(tokenizer, hidden: int = 256, layers: int = 4, heads: int =
         max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_embeddings, rms_norm_eps=1e-5)
+    from maestro_core.weights import model_loading
+
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(cfg)
+        with model_loading():  # another thread's load must not swap the init functions meanwhile
+            model = LlamaForCausalLM(cfg)
     finally:
         torch.random.set_rng_state(state)
     return model.eval()
@@ -123,6 +126,9 @@ def load_policy_model(path_or_hub_id: str | Path, *, dtype=None, device: str = "
     from transformers.utils import logging as hf_logging
 
     # every rollout chunk loads its checkpoint: no progress bar per load
+    from maestro_core.weights import model_loading
+
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_hub_id), dtype=dtype or torch.float32)
+    with model_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_hub_id), dtype=dtype or torch.float32)
     return model.to(device).eval()

@@ -340,6 +340,23 @@ def _shared_gguf_reader(gguf: Path) -> Iterator[None]:
             gguf_lib.GGUFReader = original
 
 
+_MODEL_LOADING = threading.RLock()
+
+
+@contextlib.contextmanager
+def model_loading() -> Iterator[None]:
+    """Hold while a transformers model is built or loaded in this process (every load in
+    maestro_core does). transformers 5 builds and loads models inside context managers that
+    patch classes process-wide and restore what they found on exit (`no_tie_weights` swaps
+    `PreTrainedModel.tie_weights`, `no_init_weights` the init functions). Two threads loading
+    at once interleave them: the second saves the first's patch as "the original" and puts it
+    back for good, so every later load leaves a tied lm_head untied and random (a GPT-style LM
+    expert then writes garbage). Known upstream: huggingface/transformers PR #44940. The
+    experts load in worker threads, so loads are serialised here."""
+    with _MODEL_LOADING:
+        yield
+
+
 def _no_init_weights() -> Any:
     try:
         from transformers.initialization import no_init_weights
@@ -360,7 +377,7 @@ def load_gguf(gguf: Path) -> tuple[Any, Any]:
     with _shared_gguf_reader(gguf):
         config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        with _no_init_weights():  # every weight is overwritten below; random init costs ~6 s for Gemma
+        with model_loading(), _no_init_weights():  # every weight is overwritten below; random init: ~6 s (Gemma)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
     result = model.load_state_dict(tensors, strict=False)
@@ -370,7 +387,8 @@ def load_gguf(gguf: Path) -> tuple[Any, Any]:
         raise WeightsError(f"GGUF file '{gguf}' does not fit the {type(model).__name__} built from its config: "
                            f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}. "
                            "Fix: use a GGUF architecture transformers supports.")
-    model.tie_weights()
+    with model_loading():
+        model.tie_weights()
     # a plain float model: nothing quantised remains, so nothing must be saved as such
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None

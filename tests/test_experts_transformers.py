@@ -30,11 +30,20 @@ USER = [{"role": "user", "content": "What is two plus two?"}]
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama and a byte-level BPE tokenizer with a chat template, saved to disk."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_tied_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with its output layer tied to its embeddings (as SmolLM2's and Gemma 3's are)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-tied-llama"), tied=True)
+
+
+def save_tiny_llama(path: Path, *, tied: bool) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,7 +57,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+                         pad_token_id=fast.pad_token_id, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
@@ -136,3 +145,27 @@ async def test_load_error_names_model_and_fix(tmp_path: Path) -> None:
 def test_bad_dtype_is_rejected(tiny_model: Path) -> None:
     with pytest.raises(ExpertError, match="dtype"):
         TransformersExpert(make_spec(tiny_model, dtype="int3"))
+
+
+async def test_experts_loading_at_once_in_worker_threads_keep_their_tied_output_layer(tiny_tied_model: Path) -> None:
+    """transformers 5 patches PreTrainedModel.tie_weights process-wide while it loads; loads in
+    two threads at once used to leave it patched for good, and every later load of a tied
+    model got a random lm_head (the LM experts wrote garbage after the policy's first load)."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    original = PreTrainedModel.tie_weights
+    for _ in range(2):
+        experts = [TransformersExpert(make_spec(tiny_tied_model)) for _ in range(6)]
+        await asyncio.gather(*(e.load() for e in experts))  # each in its own worker thread
+        for e in experts:
+            assert e._model.lm_head.weight is e._model.model.embed_tokens.weight
+    assert PreTrainedModel.tie_weights is original
+
+
+async def test_a_tied_model_that_loads_untied_is_refused(tiny_tied_model: Path, monkeypatch) -> None:
+    """What a load outside maestro_core's lock could still do: refused, not garbage."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "tie_weights", lambda self, *a, **k: None)
+    with pytest.raises(ExpertError, match="untied"):
+        await TransformersExpert(make_spec(tiny_tied_model)).load()

@@ -214,13 +214,14 @@ class TransformersExpert(ExpertBackend):
                 import torch
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-                from maestro_core.weights import resolve_model
+                from maestro_core.weights import model_loading, resolve_model
 
                 source = resolve_model(self.settings, local_files_only=self.local_files_only)
                 path, local_only = source.loadable(), source.gguf is not None or self.local_files_only
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype),
-                                                             local_files_only=local_only)
+                with model_loading():  # loads run in worker threads: one at a time (see model_loading)
+                    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype),
+                                                                 local_files_only=local_only)
                 model.eval()
             except Exception as e:  # noqa: BLE001  (any load failure gets the same actionable message)
                 fix = ("set backend.model to a local directory holding config.json, the weights and the "
@@ -232,6 +233,13 @@ class TransformersExpert(ExpertBackend):
                     fix += "; for GGUF, check that gguf_file names one file and that the 'gguf' package is installed"
                 raise ExpertError(f"cannot load model {self._describe()}: {type(e).__name__}: {e}. Fix: {fix}.",
                                   expert=self.name) from e
+            head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+            if getattr(model.config, "tie_word_embeddings", False) and head is not None and embed is not None \
+                    and head.weight is not embed.weight:
+                raise ExpertError(f"model {self._describe()} loaded with its output layer untied from its embeddings "
+                                  "although its config ties them, so it would write garbage. Fix: load transformers "
+                                  "models one at a time (maestro_core.weights.model_loading); code outside it loaded "
+                                  "one in another thread.", expert=self.name)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             eos = model.generation_config.eos_token_id
