@@ -86,7 +86,7 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
         val = [it for it in suite if it.split == "val"]
         run_id, out_dir = choose_run(store, tcfg, run_id, fresh=fresh, registry_version=reg.version, policy=pcfg)
         run_log(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
-              f"{tcfg.grpo.num_generations} episodes; outputs in {out_dir}")
+                f"{tcfg.grpo.num_generations} episodes; outputs in {out_dir}")
         run = open_training_run(reg, train, val, store=store, experts=build_experts(reg), config=tcfg,
                                 out_dir=out_dir, run_id=run_id, data_version=data_version(train + val),
                                 registry_path=registry_path, policy=pcfg)

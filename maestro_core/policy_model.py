@@ -18,6 +18,8 @@ def build_tiny_model(tokenizer, hidden: int = 256, layers: int = 4, heads: int =
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from maestro_core.weights import model_loading
+
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads}).")
     cfg = LlamaConfig(
@@ -26,8 +28,6 @@ def build_tiny_model(tokenizer, hidden: int = 256, layers: int = 4, heads: int =
         max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_embeddings, rms_norm_eps=1e-5)
-    from maestro_core.weights import model_loading
-
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -125,9 +125,9 @@ def load_policy_model(path_or_hub_id: str | Path, *, dtype=None, device: str = "
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    # every rollout chunk loads its checkpoint: no progress bar per load
     from maestro_core.weights import model_loading
 
+    # every rollout chunk loads its checkpoint: no progress bar per load
     hf_logging.disable_progress_bar()
     with model_loading():
         model = AutoModelForCausalLM.from_pretrained(str(path_or_hub_id), dtype=dtype or torch.float32)

@@ -350,8 +350,8 @@ def model_loading() -> Iterator[None]:
     patch classes process-wide and restore what they found on exit (`no_tie_weights` swaps
     `PreTrainedModel.tie_weights`, `no_init_weights` the init functions). Two threads loading
     at once interleave them: the second saves the first's patch as "the original" and puts it
-    back for good, so every later load leaves a tied lm_head untied and random (a GPT-style LM
-    expert then writes garbage). Known upstream: huggingface/transformers PR #44940. The
+    back for good, so every later load leaves a tied lm_head untied and random (an LM expert
+    then writes garbage). Known upstream: huggingface/transformers PR #44940. The
     experts load in worker threads, so loads are serialised here."""
     with _MODEL_LOADING:
         yield
