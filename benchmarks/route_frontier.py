@@ -31,6 +31,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -161,8 +162,7 @@ def main() -> None:
             print(f"{name}: split {tot['templates']} templates ({tot['n']} items): {tot['correct']:g} right, "
                   f"{tot['expected']:.1f} with its routes shuffled within each template (p {tot['p']:.3f}); "
                   f"not split: {len(got['skipped'])} templates ("
-                  + ", ".join(f"{sum(v == why for v in got['skipped'].values())} {why}"
-                              for why in sorted(set(got["skipped"].values()))) + ")")
+                  + ", ".join(f"{k} {why}" for why, k in sorted(Counter(got["skipped"].values()).items())) + ")")
             for g, o in got["templates"].items():
                 print(f"  {g}: {o['n']} items, routes {o['routes']}: {o['correct']:g} right, shuffled "
                       f"{o['expected']:.1f} (p {o['p']:.3f}); each route alone {o['each_route_alone']}")

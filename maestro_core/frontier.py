@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -217,10 +218,12 @@ def split_gain(table: Mapping[str, Sequence[Trajectory | RouteResult]], template
     split, skipped = {}, {}
     for g, idx in _items_by_group(table, templates).items():
         used = [routes[i] for i in idx]
-        if len(set(used)) < 2 or any(r not in table for r in used):
-            skipped[g] = "a route the table lacks" if any(r not in table for r in used) else "one route"
-            continue
-        split[g] = (idx, used)
+        if any(r not in table for r in used):
+            skipped[g] = "a route the table lacks"
+        elif len(set(used)) < 2:
+            skipped[g] = "one route"
+        else:
+            split[g] = (idx, used)
 
     def right(pairs: Iterable[tuple[int, str]]) -> float:
         return sum(table[r][i].outcome for i, r in pairs)
@@ -233,9 +236,7 @@ def split_gain(table: Mapping[str, Sequence[Trajectory | RouteResult]], template
             rng.shuffle(mixed)
             draws.append(right(zip(idx, mixed)))
             draws_total[k] += draws[-1]
-        counts: dict[str, int] = {}
-        for r in used:
-            counts[r] = counts.get(r, 0) + 1
+        counts = Counter(used)
         out[g] = {"n": len(idx), "routes": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
                   "correct": observed, "expected": sum(draws) / shuffles,
                   "p": sum(d >= observed - 1e-9 for d in draws) / shuffles,
