@@ -565,6 +565,48 @@ def test_update_from_stored_episodes(tok, tmp_path):
     assert res.params_changed and res.mean_reward == sum(t.reward for t in trajs) / len(trajs)
 
 
+def test_an_update_on_cpu_keeps_older_objects_out_of_the_forced_collection(tok, tmp_path, monkeypatch):
+    """Trainer.train() forces a full gc.collect (accelerate's free_memory); on CPU the update
+    runs it with every older object frozen, so it scans only what train() made. Afterwards
+    nothing stays frozen, and a freeze made by someone else is left as it was."""
+    import gc
+
+    import accelerate.utils.memory as memory
+
+    from maestro_core.grpo import older_objects_frozen
+
+    seen = []
+    real_gc = memory.gc
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(real_gc, name)
+
+        def collect(self, *a):
+            seen.append(real_gc.get_freeze_count())
+            return real_gc.collect(*a)
+
+    monkeypatch.setattr(memory, "gc", Recording())
+    model = make_model(tok)
+    trajs = Toy(tok, model).collect(0, range(K), 4)
+    assert gc.get_freeze_count() == 0
+    res = grpo_update(model, tok, trajs, _cpu(num_generations=4), str(tmp_path / "out"))
+    assert res.params_changed
+    assert seen and all(n > 1000 for n in seen)  # the forced collection ran with the old objects frozen
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with older_objects_frozen():
+            assert gc.get_freeze_count() == before
+        assert gc.get_freeze_count() == before  # not unfrozen by us
+    finally:
+        gc.unfreeze()
+    with older_objects_frozen(enabled=False):
+        assert gc.get_freeze_count() == 0
+
+
 @pytest.mark.parametrize("mu", [1, 2])
 def test_scoring_only_the_policy_tokens_gives_the_same_update(tok, tmp_path, monkeypatch, mu):
     """score_policy_tokens_only: the loss pass projects onto the vocabulary only the tokens the
