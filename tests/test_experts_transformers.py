@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 from pathlib import Path
 from types import MappingProxyType
 
@@ -121,6 +122,19 @@ async def test_images_are_mentioned_not_seen(tiny_model: Path, tmp_path: Path) -
 async def test_bfloat16(tiny_model: Path) -> None:
     r = await TransformersExpert(make_spec(tiny_model, dtype="bfloat16", max_new_tokens=4)).generate(USER)
     assert 1 <= r.tokens_out <= 4 and 0.0 <= r.confidence <= 1.0
+
+
+async def test_bfloat16_on_a_cpu_without_bf16_instructions_warns_with_the_fix(tiny_model: Path, monkeypatch) -> None:
+    import maestro_core.experts.transformers as tx
+
+    monkeypatch.setattr(tx, "_native_cpu_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="slower than float32. Fix: set backend.dtype: float32"):
+        await TransformersExpert(make_spec(tiny_model, dtype="bfloat16")).load()
+    monkeypatch.setattr(tx, "_native_cpu_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        await TransformersExpert(make_spec(tiny_model, dtype="bfloat16")).load()
+        await TransformersExpert(make_spec(tiny_model)).load()  # float32: never
 
 
 async def test_timeout(tiny_model: Path) -> None:
