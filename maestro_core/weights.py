@@ -352,7 +352,9 @@ def model_loading() -> Iterator[None]:
     at once interleave them: the second saves the first's patch as "the original" and puts it
     back for good, so every later load leaves a tied lm_head untied and random (an LM expert
     then writes garbage). Known upstream: huggingface/transformers PR #44940. The
-    experts load in worker threads, so loads are serialised here."""
+    experts load in worker threads, so loads are serialised here. An expert's first import of
+    transformers is held under it too: two threads importing its lazy top-level module at once
+    made one fail with "cannot import name 'AutoModelForCausalLM' from 'transformers'"."""
     with _MODEL_LOADING:
         yield
 

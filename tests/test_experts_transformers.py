@@ -156,6 +156,33 @@ async def test_load_error_names_model_and_fix(tmp_path: Path) -> None:
     assert str(missing) in msg and "Fix:" in msg and "expert 'tiny'" in msg
 
 
+FRESH_PROCESS_LOADS = """
+import asyncio, sys
+from maestro_core.experts.transformers import TransformersExpert
+from tests.test_experts_transformers import make_spec
+assert "transformers" not in sys.modules
+experts = [TransformersExpert(make_spec(sys.argv[1])) for _ in range(4)]
+async def main():
+    await asyncio.gather(*(e.load() for e in experts))  # the first import of transformers, in 4 threads
+asyncio.run(main())
+print("loaded", len(experts))
+"""
+
+
+def test_experts_loading_at_once_in_a_fresh_process_import_transformers_safely(tiny_model: Path) -> None:
+    """transformers' lazy top-level module is not safe to import from several threads at once:
+    the first experts to load in a fresh process raised "cannot import name
+    'AutoModelForCausalLM' from 'transformers'" (benchmarks/lm_experts.py hit it)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOADS, str(tiny_model)], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "loaded 4" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_bad_dtype_is_rejected(tiny_model: Path) -> None:
     with pytest.raises(ExpertError, match="dtype"):
         TransformersExpert(make_spec(tiny_model, dtype="int3"))

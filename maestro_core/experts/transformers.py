@@ -224,11 +224,11 @@ class TransformersExpert(ExpertBackend):
                 return
             start = time.perf_counter()
             try:
-                import torch
-                from transformers import AutoModelForCausalLM, AutoTokenizer
-
                 from maestro_core.weights import model_loading, resolve_model
 
+                with model_loading():  # the first import too: transformers' lazy module is not thread-safe
+                    import torch
+                    from transformers import AutoModelForCausalLM, AutoTokenizer
                 source = resolve_model(self.settings, local_files_only=self.local_files_only)
                 path, local_only = source.loadable(), source.gguf is not None or self.local_files_only
                 with model_loading():  # loads run in worker threads: one at a time (see model_loading)
