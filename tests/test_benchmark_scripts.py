@@ -98,3 +98,15 @@ def test_pretrained_training(tmp_path):
     assert [row["iteration"] for row in r["rows"]] == [0, 1]
     assert all(row["episodes"] == 16 and row["collect_s"] > 0 and row["update_s"] > 0 for row in r["rows"])
     assert r["rows"][-1]["val_accuracy"] is not None and r["parameters"] > 0
+
+
+@pytest.mark.slow
+def test_lm_experts(tmp_path):
+    r = run_small("lm_experts", tmp_path)
+    assert r["items"] == 4 and set(r["dtypes"]) == {"float32", "bfloat16"}
+    for dt in r["dtypes"].values():
+        assert dt["seconds"] > 0 and list(dt["pairs"]) == ["smollm2-135m@@math"]
+        assert 0 <= dt["pairs"]["smollm2-135m@@math"]["accuracy"] <= 1
+    assert r["dtypes"]["float32"]["pairs"]["smollm2-135m@@math"]["answers_differing_from_float32"] == 0
+    assert r["float32_over_bfloat16_time"] == pytest.approx(
+        r["dtypes"]["float32"]["seconds"] / r["dtypes"]["bfloat16"]["seconds"], rel=0.01)

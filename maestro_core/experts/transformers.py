@@ -14,10 +14,11 @@ Backend settings (`spec.backend`); name the weights with one of model / package 
   parts are joined once into <home>/models/<package>.gguf.
 - gguf_file: with `model`, a GGUF file inside that directory (or in that hub repository);
   with `package`, a glob.
-- dtype: "float32" (default), "bfloat16" or "float16". bfloat16 halves the generation time
-  on CPUs with bf16 instructions (AVX512-BF16 / AMX: Maestro-Mini's two LMs, 200 test
-  questions each on four pairs, 245 s -> 125 s on this 2-core machine) and changes some greedy
-  outputs (20 of 64 Gemma answers); elsewhere it is slower than float32, and loading says so.
+- dtype: "float32" (default), "bfloat16" or "float16". bfloat16 nearly halves the generation
+  time on CPUs with bf16 instructions (AVX512-BF16 / AMX: Maestro-Mini's four LM pairs on 200
+  test questions, 261 s -> 141 s on this 2-core machine, benchmarks/lm_experts.py) and changes
+  some greedy outputs (6 to 56 of the 200 final answers per pair); elsewhere it is slower than
+  float32, and loading says so.
 - max_new_tokens (64).
 - local_files_only (true): never touch the network; download models beforehand.
 - use_chat_template: default true when the tokenizer has a chat template; otherwise the
