@@ -47,21 +47,21 @@ def lm_registry(dtype: str, experts: list[str] | None = None, max_batch: int | N
     return parse_registry(raw, source=f"{DEFAULT_REGISTRY} ({dtype})")
 
 
-def lm_pairs(registry, experts: list[str] | None = None) -> list[str]:
+def lm_pairs(registry, only: list[str] | None = None) -> list[str]:
+    """The registry's pairs whose expert is a transformers LM (or just those in `only`)."""
     from maestro_core.evaluation import level1_pairs
 
     return [p for p in level1_pairs(registry)
-            if registry.experts[p.split("@@")[0]].kind == "transformers"
-            and (experts is None or p.split("@@")[0] in experts)]
+            if registry.experts[p.split("@@")[0]].kind == "transformers" and (only is None or p in only)]
 
 
-async def run(dtype: str, items, experts: list[str] | None, max_batch: int | None) -> dict:
+async def run(dtype: str, items, only: list[str] | None, max_batch: int | None) -> dict:
     from maestro_core.cache import ExpertCache
     from maestro_core.evaluation import pair_table
     from maestro_core.experts import build_experts
 
-    registry = lm_registry(dtype, experts, max_batch)
-    pairs = lm_pairs(registry, experts)
+    registry = lm_registry(dtype, [p.split("@@")[0] for p in only] if only else None, max_batch)
+    pairs = lm_pairs(registry, only)
     backends = build_experts(registry)
     try:
         await asyncio.gather(*(backends[p.split("@@")[0]].load() for p in pairs))  # loading is not timed
@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=None, help="batch every LM up to N (default: the registry's).")
     args = p.parse_args()
     started = time.perf_counter()
-    experts = ["smollm2-135m"] if args.small else None
+    only = ["smollm2-135m@@math"] if args.small else None
     with tempfile.TemporaryDirectory() as tmp:
         if args.home is not None:
             from maestro_core.suite import load_suite
@@ -97,7 +97,7 @@ def main() -> None:
 
             n = 4 if args.small else 40
             items, source = bmath.generate(n, 19, Path(tmp)), f"{n} generated math questions (seed 19)"
-        results = {dt: asyncio.run(run(dt, items, experts, args.max_batch)) for dt in DTYPES}
+        results = {dt: asyncio.run(run(dt, items, only, args.max_batch)) for dt in DTYPES}
     base = results["float32"]["pairs"]
     rows, out = [], {}
     for dt, r in results.items():
