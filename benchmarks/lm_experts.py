@@ -31,16 +31,16 @@ import _common  # noqa: E402
 DTYPES = ("float32", "bfloat16")
 
 
-def lm_registry(dtype: str, experts: list[str] | None = None, max_batch: int | None = None):
-    """The default registry with its transformers experts (or those named) loaded in `dtype`
-    (and batched up to `max_batch`, when given)."""
+def lm_registry(dtype: str, max_batch: int | None = None):
+    """The default registry with its transformers experts loaded in `dtype` (and batched up to
+    `max_batch`, when given)."""
     import yaml
 
     from maestro_core.registry import DEFAULT_REGISTRY, parse_registry
 
     raw = yaml.safe_load(Path(DEFAULT_REGISTRY).read_text())
     for e in raw["experts"]:
-        if e["backend"].get("kind") == "transformers" and (experts is None or e["name"] in experts):
+        if e["backend"].get("kind") == "transformers":
             e["backend"]["dtype"] = dtype
             if max_batch is not None:
                 e["backend"]["max_batch"] = e["max_concurrency"] = max_batch
@@ -60,7 +60,7 @@ async def run(dtype: str, items, only: list[str] | None, max_batch: int | None) 
     from maestro_core.evaluation import pair_table
     from maestro_core.experts import build_experts
 
-    registry = lm_registry(dtype, [p.split("@@")[0] for p in only] if only else None, max_batch)
+    registry = lm_registry(dtype, max_batch)  # experts load on first use: only the pairs' LMs do
     pairs = lm_pairs(registry, only)
     backends = build_experts(registry)
     try:
