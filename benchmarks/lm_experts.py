@@ -110,11 +110,11 @@ def main() -> None:
     _common.print_table(["dtype", "pair", "accuracy", "answers differing from float32", "seconds (all pairs)"], rows)
     speedup = results["float32"]["seconds"] / results["bfloat16"]["seconds"]
     print(f"\nfloat32 / bfloat16 time: {speedup:.2f}")
-    from maestro_core.experts.transformers import _native_cpu_bf16
+    from maestro_core.weights import native_cpu_bf16
 
     _common.write_result("lm_experts", args, {
         "items": len(items), "source": source, "max_batch": args.max_batch or "registry",
-        "native_cpu_bf16": _native_cpu_bf16(), "dtypes": out,
+        "native_cpu_bf16": native_cpu_bf16(), "dtypes": out,
         "float32_over_bfloat16_time": round(speedup, 3)}, started)
 
 

@@ -74,8 +74,14 @@ class Expert:
 
     @property
     def digest(self) -> str:
-        """Hash of everything that changes what this expert answers (its cache version)."""
-        return _hash({"kind": self.kind, "backend": _plain(self.backend)})
+        """Hash of everything that changes what this expert answers (its cache version). An
+        in-process model's `dtype: auto` counts as the dtype it resolves to on this machine."""
+        backend = _plain(self.backend)
+        if self.kind == "transformers" and backend.get("dtype") == "auto":
+            from maestro_core.weights import resolve_dtype
+
+            backend = {**backend, "dtype": resolve_dtype("auto")}
+        return _hash({"kind": self.kind, "backend": backend})
 
     def call_cost_estimate(self, prompt_tokens: int = 512) -> float:
         """What one call may cost before it is made: the per-call price plus `prompt_tokens`

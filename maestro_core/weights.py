@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -338,6 +339,32 @@ def _shared_gguf_reader(gguf: Path) -> Iterator[None]:
             yield
         finally:
             gguf_lib.GGUFReader = original
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""The dtypes an in-process model may be loaded in (`backend.dtype`)."""
+
+
+@functools.cache
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probes: assume not
+        return False
+
+
+def resolve_dtype(name: str) -> str:
+    """The dtype a model named with `name` loads in on this machine's CPU: "auto" is bfloat16
+    where the CPU has bf16 instructions (about twice as fast as float32 there) and float32
+    elsewhere (where bfloat16 is emulated, and slower); any other name is itself."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}")
+    if name != "auto":
+        return name
+    return "bfloat16" if native_cpu_bf16() else "float32"
 
 
 _MODEL_LOADING = threading.RLock()

@@ -125,16 +125,51 @@ async def test_bfloat16(tiny_model: Path) -> None:
 
 
 async def test_bfloat16_on_a_cpu_without_bf16_instructions_warns_with_the_fix(tiny_model: Path, monkeypatch) -> None:
-    import maestro_core.experts.transformers as tx
+    import maestro_core.weights as weights
 
-    monkeypatch.setattr(tx, "_native_cpu_bf16", lambda: False)
-    with pytest.warns(RuntimeWarning, match="slower than float32. Fix: set backend.dtype: float32"):
+    monkeypatch.setattr(weights, "native_cpu_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="slower than float32. Fix: set backend.dtype: auto"):
         await TransformersExpert(make_spec(tiny_model, dtype="bfloat16")).load()
-    monkeypatch.setattr(tx, "_native_cpu_bf16", lambda: True)
+    monkeypatch.setattr(weights, "native_cpu_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         await TransformersExpert(make_spec(tiny_model, dtype="bfloat16")).load()
         await TransformersExpert(make_spec(tiny_model)).load()  # float32: never
+
+
+@pytest.mark.parametrize("native", [False, True])
+async def test_dtype_auto_is_bfloat16_only_on_a_cpu_with_bf16_instructions(tiny_model: Path, monkeypatch,
+                                                                           native: bool) -> None:
+    """`dtype: auto` loads bfloat16 where the CPU has bf16 instructions and float32 elsewhere
+    (no warning either way), and the expert's cache version is the one of the dtype it
+    resolved to, so the cache keeps the two apart."""
+    import torch
+
+    import maestro_core.weights as weights
+
+    monkeypatch.setattr(weights, "native_cpu_bf16", lambda: native)
+    want = "bfloat16" if native else "float32"
+    expert = TransformersExpert(make_spec(tiny_model, dtype="auto", max_new_tokens=4))
+    assert expert.dtype == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        await expert.load()
+        r = await expert.generate(USER)
+    assert next(expert._model.parameters()).dtype == getattr(torch, want) and 1 <= r.tokens_out <= 4
+    auto = make_spec(tiny_model, dtype="auto").digest
+    assert auto == make_spec(tiny_model, dtype=want).digest
+    monkeypatch.setattr(weights, "native_cpu_bf16", lambda: not native)
+    assert make_spec(tiny_model, dtype="auto").digest != auto
+
+
+def test_an_unknown_dtype_is_refused_with_the_choices(tiny_model: Path) -> None:
+    from maestro_core.weights import resolve_dtype
+
+    with pytest.raises(ExpertError, match=r"backend.dtype 'int8' is not supported. Fix: use one of \['auto'"):
+        TransformersExpert(make_spec(tiny_model, dtype="int8"))
+    assert resolve_dtype("float16") == "float16"
+    with pytest.raises(ValueError, match="int8"):
+        resolve_dtype("int8")
 
 
 async def test_timeout(tiny_model: Path) -> None:

@@ -14,11 +14,13 @@ Backend settings (`spec.backend`); name the weights with one of model / package 
   parts are joined once into <home>/models/<package>.gguf.
 - gguf_file: with `model`, a GGUF file inside that directory (or in that hub repository);
   with `package`, a glob.
-- dtype: "float32" (default), "bfloat16" or "float16". bfloat16 nearly halves the generation
-  time on CPUs with bf16 instructions (AVX512-BF16 / AMX: Maestro-Mini's four LM pairs on 200
-  test questions, 261 s -> 141 s on this 2-core machine, benchmarks/lm_experts.py) and changes
-  some greedy outputs (6 to 56 of the 200 final answers per pair); elsewhere it is slower than
-  float32, and loading says so.
+- dtype: "float32" (default), "bfloat16", "float16" or "auto". bfloat16 nearly halves the
+  generation time on CPUs with bf16 instructions (AVX512-BF16 / AMX: Maestro-Mini's four LM
+  pairs on 200 test questions, 261 s -> 141 s on a 2-core machine, benchmarks/lm_experts.py)
+  and changes some greedy outputs (6 to 56 of the 200 final answers per pair); elsewhere it is
+  slower than float32, and loading says so. "auto" picks bfloat16 on a CPU with those
+  instructions and float32 on one without (`weights.resolve_dtype`); the expert's cache
+  version (`Expert.digest`) holds the dtype it resolved to, so a cache never mixes the two.
 - max_new_tokens (64).
 - local_files_only (true): never touch the network; download models beforehand.
 - use_chat_template: default true when the tokenizer has a chat template; otherwise the
@@ -66,22 +68,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from maestro_core import weights
 from maestro_core.errors import ExpertError, ExpertTimeout
 from maestro_core.experts.base import ExpertBackend, ExpertReply
 from maestro_core.registry import Expert
+from maestro_core.weights import DTYPES, resolve_dtype
 
-DTYPES = ("float32", "bfloat16", "float16")
 MAX_BATCH_LIMIT = 256
-
-
-def _native_cpu_bf16() -> bool:
-    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX)."""
-    import torch
-
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # an older torch without the probes: assume not
-        return False
 
 
 @dataclass(eq=False)
@@ -174,10 +167,12 @@ class TransformersExpert(ExpertBackend):
                               "backend.package (+ gguf_file: a glob) or backend.assemble (a package "
                               "shipping a GGUF file in parts).", expert=spec.name)
         self.gguf_file: str | None = b.get("gguf_file")
-        self.dtype = str(b.get("dtype", "float32"))
-        if self.dtype not in DTYPES:
-            raise ExpertError(f"backend.dtype {self.dtype!r} is not supported. Fix: use one of {list(DTYPES)}.",
+        declared = str(b.get("dtype", "float32"))
+        if declared not in DTYPES:
+            raise ExpertError(f"backend.dtype {declared!r} is not supported. Fix: use one of {list(DTYPES)}.",
                               expert=spec.name)
+        self.dtype = resolve_dtype(declared)
+        """The dtype the model loads in ("auto" resolved for this CPU)."""
         self.max_new_tokens = int(b.get("max_new_tokens", 64))
         self.local_files_only = bool(b.get("local_files_only", True))
         self.use_chat_template: bool | None = b.get("use_chat_template")
@@ -247,10 +242,10 @@ class TransformersExpert(ExpertBackend):
                     fix += "; for GGUF, check that gguf_file names one file and that the 'gguf' package is installed"
                 raise ExpertError(f"cannot load model {self._describe()}: {type(e).__name__}: {e}. Fix: {fix}.",
                                   expert=self.name) from e
-            if self.dtype == "bfloat16" and model.device.type == "cpu" and not _native_cpu_bf16():
+            if self.dtype == "bfloat16" and model.device.type == "cpu" and not weights.native_cpu_bf16():
                 warnings.warn(f"expert {self.name!r} generates in bfloat16 on a CPU without bf16 instructions "
                               "(AVX512-BF16 or AMX), which is slower than float32. Fix: set backend.dtype: "
-                              "float32 for this expert in the registry.", RuntimeWarning, stacklevel=2)
+                              "auto (or float32) for this expert in the registry.", RuntimeWarning, stacklevel=2)
             head, embed = model.get_output_embeddings(), model.get_input_embeddings()
             if getattr(model.config, "tie_word_embeddings", False) and head is not None and embed is not None \
                     and head.weight is not embed.weight:
