@@ -11,6 +11,9 @@ seconds actually spent are measured by the caller. Identical calls in flight at 
 (the G samples of a GRPO group) run once and share the result.
 
 Entries live in memory and in the store's `expert_cache` table; `flush()` writes new ones.
+A lookup missing from memory asks the store only for a key the store holds: the cache keeps
+the store's key set (one query, again after any write through the store), so the many misses
+of a cold cache cost no query each on the event loop.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ class ExpertCache:
         self._pending: list[dict] = []
         self._inflight: dict[str, asyncio.Future] = {}
         self._image_hashes: dict[tuple[str, int, int], str] = {}
+        self._stored_keys: set[str] | None = None
+        self._stored_generation = -1
+        self.store_queries = 0
+        """Lookups that went to the store (for tests and measurements)."""
         self.hits = 0
         self.misses = 0
 
@@ -73,11 +80,18 @@ class ExpertCache:
     # -- lookups --------------------------------------------------------------------------
     def get(self, key: str) -> SkillResult | None:
         hit = self._mem.get(key)
-        if hit is None and self.store is not None:
+        if hit is None and self.store is not None and self._stored(key):
+            self.store_queries += 1
             row = self.store.cache_get_many([key]).get(key)
             if row is not None:
                 hit = self._mem[key] = SkillResult(**{f: row[f] for f in _FIELDS})
         return hit
+
+    def _stored(self, key: str) -> bool:
+        """Whether the store may hold `key`: its key set, read again once the store was written."""
+        if self._stored_keys is None or self._stored_generation != self.store.cache_generation:
+            self._stored_keys, self._stored_generation = self.store.cache_keys()
+        return key in self._stored_keys
 
     def put(self, key: str, result: SkillResult, *, expert: str, skill: str) -> None:
         self._mem[key] = result

@@ -172,6 +172,7 @@ class Store:
         self.objects: ObjectStore = open_object_store(object_store if object_store is not None
                                                       else self.home / "objects", spool=self.home / "spool")
         self._lock = threading.RLock()
+        self._cache_writes = 0  # cache_put_many calls so far: tells an ExpertCache its key set is stale
         self._con: duckdb.DuckDBPyConnection | None = self._connect()
         try:
             self._init_schema()
@@ -478,6 +479,19 @@ class Store:
         rows = self._rows("SELECT * FROM expert_cache WHERE key IN (SELECT unnest(?::VARCHAR[]))", [keys])
         return {r["key"]: r for r in rows}
 
+    @property
+    def cache_generation(self) -> int:
+        """Changes whenever cache rows are written through this store (`cache_put_many`)."""
+        return self._cache_writes
+
+    def cache_keys(self) -> tuple[set[str], int]:
+        """Every cached key, and the `cache_generation` they are as of (read before the query,
+        so a write during it shows as a newer generation)."""
+        with self._lock:
+            generation = self._cache_writes
+            keys = self._fetch("SELECT key FROM expert_cache")
+        return set(keys["key"].to_pylist()) if keys.num_rows else set(), generation
+
     def cache_put_many(self, rows: Iterable[Mapping[str, Any]], *, replace: bool = False) -> None:
         """Insert cache rows (columns of CACHE_SCHEMA; key and expert required). An existing key
         is kept (the first answer wins: its cost and latency are the ones really paid) unless
@@ -502,6 +516,7 @@ class Store:
             con = self._conn()
             with self._registered(con, table) as src:
                 self._execute(f"{verb} expert_cache ({cols}) SELECT {cols} FROM {src}")
+            self._cache_writes += 1
 
     # -- evaluation and quarantine --------------------------------------------------------
     def record_eval(self, run_id: str, system: str, split: str, benchmark: str, metrics: Mapping[str, Any]) -> None:

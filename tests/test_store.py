@@ -262,6 +262,26 @@ def test_cache_many_keys(store: Store) -> None:
     assert len(got) == 2500 and got["k42"]["text"] == "42"
 
 
+def test_an_expert_cache_asks_the_store_only_for_keys_it_holds(store: Store) -> None:
+    """A cold cache's misses cost no store query each: the cache keeps the store's key set,
+    and reads it again once anything (another cache on the same store too) wrote to it."""
+    from maestro_core.cache import ExpertCache
+    from maestro_core.skills import SkillResult
+
+    store.cache_put_many([{"key": f"k{i}", "expert": "e", "skill": "s", "solver": "x", "text": str(i),
+                           "confidence": 0.5, "cost": 0.01, "latency_s": 0.1, "tokens_in": 1, "tokens_out": 1,
+                           "expert_calls": 1} for i in range(100)])
+    cache, other = ExpertCache(store), ExpertCache(store)
+    assert all(cache.get(f"absent{i}") is None for i in range(50)) and cache.store_queries == 0
+    assert cache.get("k7").text == "7" and cache.store_queries == 1
+    assert cache.get("k7").text == "7" and cache.store_queries == 1  # from memory now
+    other.put("new", SkillResult(text="fresh", solver="x", confidence=None, cost=0.02, latency_s=0.1, tokens_in=1,
+                                 tokens_out=1, expert_calls=1), expert="e", skill="s")
+    assert cache.get("new") is None  # not flushed yet: not in the store
+    other.flush()
+    assert cache.get("new").text == "fresh" and cache.get("new").cost == 0.02 and cache.store_queries == 2
+
+
 # -- registries, runs, measurements, evals, quarantine ---------------------------------
 
 def test_registry_runs_stats_evals_quarantine(store: Store, registry) -> None:
