@@ -149,5 +149,9 @@ class ExpertCache:
         if self.store is None or not self._pending:
             return 0
         rows, self._pending = self._pending, []
+        before = self.store.cache_generation
         self.store.cache_put_many(rows)
+        if self._stored_keys is not None and self._stored_generation == before == self.store.cache_generation - 1:
+            self._stored_keys.update(r["key"] for r in rows)  # only this write since the set was read
+            self._stored_generation = before + 1
         return len(rows)

@@ -490,7 +490,7 @@ class Store:
         with self._lock:
             generation = self._cache_writes
             keys = self._fetch("SELECT key FROM expert_cache")
-        return set(keys["key"].to_pylist()) if keys.num_rows else set(), generation
+        return set(keys["key"].to_pylist()), generation
 
     def cache_put_many(self, rows: Iterable[Mapping[str, Any]], *, replace: bool = False) -> None:
         """Insert cache rows (columns of CACHE_SCHEMA; key and expert required). An existing key

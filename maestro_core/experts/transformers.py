@@ -72,7 +72,6 @@ from maestro_core import weights
 from maestro_core.errors import ExpertError, ExpertTimeout
 from maestro_core.experts.base import ExpertBackend, ExpertReply
 from maestro_core.registry import Expert
-from maestro_core.weights import DTYPES, resolve_dtype
 
 MAX_BATCH_LIMIT = 256
 
@@ -168,10 +167,10 @@ class TransformersExpert(ExpertBackend):
                               "shipping a GGUF file in parts).", expert=spec.name)
         self.gguf_file: str | None = b.get("gguf_file")
         declared = str(b.get("dtype", "float32"))
-        if declared not in DTYPES:
-            raise ExpertError(f"backend.dtype {declared!r} is not supported. Fix: use one of {list(DTYPES)}.",
+        if declared not in weights.DTYPES:
+            raise ExpertError(f"backend.dtype {declared!r} is not supported. Fix: use one of {list(weights.DTYPES)}.",
                               expert=spec.name)
-        self.dtype = resolve_dtype(declared)
+        self.dtype = weights.resolve_dtype(declared)
         """The dtype the model loads in ("auto" resolved for this CPU)."""
         self.max_new_tokens = int(b.get("max_new_tokens", 64))
         self.local_files_only = bool(b.get("local_files_only", True))
