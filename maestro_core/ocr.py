@@ -17,6 +17,11 @@ Each factory returns `model(text, images) -> {"text", "confidence"}`:
   text says "(no text found)" (or "[]" with "[boxes]").
 - Images are read as they are (zooming is the solver's business), but one over
   MAX_PIXELS (50 megapixels) raises ValueError, and so does a call without an image.
+- What an engine reads depends on the image alone, so each model keeps the lines it read for
+  its last `memo` images (by file content; default 1024, 0: off): one image asked about by
+  several skills (a chart's boxes, then its text lines) runs the engine once. The reply's
+  `latency_s` is the engine time the answer took when it was read, so latency figures do not
+  depend on which skill asked first.
 
 RapidOCR (PP-OCRv4 ONNX models shipped in rapidocr_onnxruntime) gives line boxes directly and
 reads small print well (8 px text exactly, where Tesseract garbles it), but its recogniser
@@ -30,12 +35,15 @@ lines, ~1.2 s for the same page, exact on clean print of 10 px and more.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -131,14 +139,75 @@ def format_reply(results: Sequence[list[OcrLine]], prompt: str) -> dict[str, Any
     return {"text": text, "confidence": max(0.0, min(1.0, conf))}
 
 
-def _make_model(read: Callable[[Path], list[OcrLine]], all_images: bool) -> Callable[[str, list[Path]], dict]:
+class ReadMemo:
+    """The lines an engine read, per image content (sha256 of the file), for the last `size`
+    images, with the seconds each read took. A read of an image being read by another thread
+    waits for that read instead of running the engine again; a read that raises is not kept."""
+
+    def __init__(self, read: Callable[[Path], list[OcrLine]], size: int = 1024):
+        self._read = read
+        self.size = size
+        self._lines: OrderedDict[str, tuple[list[OcrLine], float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._reading: dict[str, threading.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, path: Path) -> tuple[list[OcrLine], float]:
+        """(lines read from the image at `path`, seconds the engine took to read them)."""
+        if self.size <= 0:
+            t0 = time.perf_counter()
+            lines = self._read(path)
+            return lines, time.perf_counter() - t0
+        key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with self._lock:
+            reading = self._reading.setdefault(key, threading.Lock())
+        with reading:
+            with self._lock:
+                kept = self._lines.get(key)
+                if kept is not None:
+                    self._lines.move_to_end(key)
+                    self.hits += 1
+                    return list(kept[0]), kept[1]
+            try:
+                t0 = time.perf_counter()
+                lines = self._read(path)
+                seconds = time.perf_counter() - t0
+                with self._lock:
+                    self._lines[key] = (list(lines), seconds)
+                    while len(self._lines) > self.size:
+                        self._lines.popitem(last=False)
+                    self.misses += 1
+            finally:
+                with self._lock:
+                    self._reading.pop(key, None)
+        return lines, seconds
+
+
+def _make_model(read: Callable[[Path], list[OcrLine]], all_images: bool,
+                memo: int) -> Callable[[str, list[Path]], dict]:
+    reads = ReadMemo(read, memo)
+
     def model(text: str, images: list[Path]) -> dict[str, Any]:
         if not images:
             raise ValueError("no image given: an OCR model reads the text of an image; pass one")
+        start = time.perf_counter()
         chosen = list(images) if all_images else list(images)[:1]
         for p in chosen:
             check_image(Path(p))
-        return format_reply([reading_order(read(Path(p))) for p in chosen], text)
+        results, waited, engine = [], 0.0, 0.0
+        for p in chosen:
+            t0 = time.perf_counter()
+            lines, seconds = reads(Path(p))
+            waited += time.perf_counter() - t0
+            engine += seconds
+            results.append(reading_order(lines))
+        reply = format_reply(results, text)
+        # this call's own work, with each image's engine time as it was when that image was read
+        reply["latency_s"] = max(0.0, time.perf_counter() - start - waited) + engine
+        return reply
+
+    model.memo = reads  # type: ignore[attr-defined]  (hits and misses, for measurements and tests)
     return model
 
 
@@ -147,11 +216,12 @@ def _make_model(read: Callable[[Path], list[OcrLine]], all_images: bool) -> Call
 # ---------------------------------------------------------------------------------------
 
 def rapidocr_model(*, all_images: bool = False, threads: int | None = None, text_score: float = 0.5,
-                   **params: Any) -> Callable[[str, list[Path]], dict]:
+                   memo: int = 1024, **params: Any) -> Callable[[str, list[Path]], dict]:
     """RapidOCR (PP-OCRv4 detection + recognition, ONNX Runtime), loaded once.
 
     threads: ONNX Runtime intra-op threads (default: $OMP_NUM_THREADS, else ONNX Runtime's
-    choice). text_score: lines scoring below it are dropped. Other keyword arguments go to
+    choice). text_score: lines scoring below it are dropped. memo: images whose lines are kept
+    (ReadMemo; 0: off). Other keyword arguments go to
     `RapidOCR(...)`. Two defaults differ from the package's: det_limit_type="max" (the
     detector never upscales; the package's "min"/736 upscales a 60-pixel-high line ~12x and
     was 10-20x slower and less accurate on rendered text) and width_height_ratio=-1 (no
@@ -184,7 +254,7 @@ def rapidocr_model(*, all_images: bool = False, threads: int | None = None, text
                 lines.append(OcrLine(txt, box, float(score)))
         return lines
 
-    return _make_model(read, all_images)
+    return _make_model(read, all_images, memo)
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,14 +265,15 @@ TESSERACT = "/usr/bin/tesseract"
 
 
 def tesseract_model(*, all_images: bool = False, lang: str = "eng", psm: int = 3, oem: int = 1,
-                    binary: str | None = None, threads: int = 1,
-                    timeout_s: float = 60.0) -> Callable[[str, list[Path]], dict]:
+                    binary: str | None = None, threads: int = 1, timeout_s: float = 60.0,
+                    memo: int = 1024) -> Callable[[str, list[Path]], dict]:
     """Tesseract 5 through its command line (TSV output), one subprocess per image.
 
     psm 3 (fully automatic page segmentation) suits pages, charts and single lines alike;
     when it finds nothing, the image is read again with psm 11 (sparse text: isolated words
     anywhere), which rescues lone words and labels. oem 1 is the LSTM engine. threads sets
-    OMP_THREAD_LIMIT for the subprocess (tesseract's OpenMP threads only slow small images)."""
+    OMP_THREAD_LIMIT for the subprocess (tesseract's OpenMP threads only slow small images).
+    memo: images whose lines are kept (ReadMemo; 0: off)."""
     exe = binary or (TESSERACT if Path(TESSERACT).exists() else shutil.which("tesseract"))
     if not exe or not Path(exe).exists():
         raise FileNotFoundError("the tesseract binary is not installed. Fix: apt-get install tesseract-ocr "
@@ -232,7 +303,7 @@ def tesseract_model(*, all_images: bool = False, lang: str = "eng", psm: int = 3
             if path.name.startswith(".maestro-ocr-"):
                 path.unlink(missing_ok=True)
 
-    return _make_model(read, all_images)
+    return _make_model(read, all_images, memo)
 
 
 def _tesseract_readable(path: Path) -> Path:

@@ -126,6 +126,13 @@ async def test_dict_model_with_images_confidence_and_tokens(tmp_path: Path) -> N
     assert r.cost == pytest.approx(expert.spec.price.cost(3, 3))
 
 
+async def test_a_model_may_give_its_own_latency() -> None:
+    slow = PythonExpert(make_spec(f"{HERE}:make_bad_reply", kwargs={"reply": {"text": "kept", "latency_s": 2.5}}))
+    assert (await slow.generate(USER)).latency_s == 2.5  # not the microseconds the call took
+    measured = PythonExpert(make_spec(f"{HERE}:make_sleeper", kwargs={"delay": 0.05}))
+    assert (await measured.generate(USER)).latency_s >= 0.05
+
+
 async def test_messages_are_joined_with_newlines() -> None:
     expert = PythonExpert(make_spec(f"{HERE}:make_sleeper", kwargs={"delay": 0.0}))
     r = await expert.generate([{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}])
@@ -152,7 +159,9 @@ async def test_model_exception_becomes_expert_error() -> None:
 
 @pytest.mark.parametrize("reply, match", [(42, "expected str or a dict"), ({"txt": "x"}, "expected str or a dict"),
                                           ({"text": "x", "confidence": 1.5}, "confidence"),
-                                          ({"text": "x", "tokens_out": -1}, "tokens_out")])
+                                          ({"text": "x", "tokens_out": -1}, "tokens_out"),
+                                          ({"text": "x", "latency_s": -0.5}, "latency_s"),
+                                          ({"text": "x", "latency_s": "1 s"}, "latency_s")])
 async def test_bad_replies_are_reply_errors(reply: Any, match: str) -> None:
     expert = PythonExpert(make_spec(f"{HERE}:make_bad_reply", kwargs={"reply": reply}))
     with pytest.raises(ExpertReplyError, match=match):

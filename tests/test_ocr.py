@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from maestro_core.ocr import (
-    MAX_PIXELS, NO_TEXT, OcrLine, parse_tsv, rapidocr_model, reading_order, tesseract_model,
+    MAX_PIXELS, NO_TEXT, OcrLine, ReadMemo, parse_tsv, rapidocr_model, reading_order, tesseract_model,
 )
 from maestro_core.warmup import render_text_image
 
@@ -100,8 +101,9 @@ def test_small_font_rapidocr_reads_it_tesseract_may_not(rapid, tess, images: dic
 @pytest.mark.parametrize("engine", ["rapid", "tess"])
 def test_nothing_found(engine: str, images: dict[str, Path], request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(engine)
-    assert model("Read.", [images["blank"]]) == {"text": NO_TEXT, "confidence": 0.0}
-    assert model("Read. [boxes]", [images["blank"]]) == {"text": "[]", "confidence": 0.0}
+    for prompt, text in (("Read.", NO_TEXT), ("Read. [boxes]", "[]")):
+        reply = model(prompt, [images["blank"]])
+        assert (reply["text"], reply["confidence"]) == (text, 0.0) and reply["latency_s"] >= 0
 
 
 def test_first_image_or_all_images(tess, images: dict[str, Path]) -> None:
@@ -137,6 +139,66 @@ def test_guards(tess, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a readable image"):
         tess("Read.", [tmp_path / "not.png"])
     assert MAX_PIXELS == 50_000_000
+
+
+def test_an_image_read_for_one_skill_is_not_read_again_for_another(tmp_path: Path) -> None:
+    """The engine runs once per image content: a second prompt (boxes after lines), a copy at
+    another path, reuse its lines, with the first read's engine time as latency; another
+    image, or a model with memo 0, reads again."""
+    import shutil
+
+    page = render_text_image("Invoice total: 318\nDue 2024-03-15", tmp_path / "page.png", size=24)
+    shutil.copy(page, tmp_path / "copy.png")
+    other = render_text_image("Harbour", tmp_path / "other.png", size=48)
+    model = tesseract_model()
+    lines = model("Read the text.", [page])
+    boxes = model("Where is the total? [boxes]", [page])
+    again = model("Read the text.", [tmp_path / "copy.png"])
+    assert (model.memo.misses, model.memo.hits) == (1, 2)
+    assert again["text"] == lines["text"] and lines["text"].startswith("Invoice total")
+    assert again["latency_s"] == pytest.approx(lines["latency_s"], abs=0.05)
+    assert [b["text"] for b in json.loads(boxes["text"])] == lines["text"].splitlines()
+    assert boxes["latency_s"] == pytest.approx(lines["latency_s"], abs=0.05)  # the read's time, not the lookup's
+    assert lines["latency_s"] > 0.05
+    assert model("Read.", [other])["text"] == "Harbour" and model.memo.misses == 2
+    fresh = tesseract_model(memo=0)
+    assert fresh("Read the text.", [page]) | {"latency_s": 0} == lines | {"latency_s": 0}
+    fresh("Read the text.", [page])
+    assert (fresh.memo.misses, fresh.memo.hits) == (0, 0)
+
+
+def test_the_read_memo_reads_an_image_once_across_threads_keeps_no_failure_and_forgets_the_oldest(
+        tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    reads: list[str] = []
+    gate = threading.Event()
+
+    def read(path: Path) -> list[OcrLine]:
+        reads.append(path.name)
+        gate.wait(5)
+        if path.read_text() == "bad":
+            raise RuntimeError("engine failed")
+        return [OcrLine(path.read_text(), (0, 0, 1, 1), 0.9)]
+
+    for name, body in (("a", "A"), ("a2", "A"), ("b", "B"), ("c", "C"), ("bad", "bad")):
+        (tmp_path / name).write_text(body)
+    memo = ReadMemo(read, size=2)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(memo, tmp_path / n) for n in ("a", "a2", "a", "a2")]
+        time.sleep(0.2)
+        gate.set()
+        got = [f.result() for f in futures]
+    assert len(reads) == 1 and {g[0][0].text for g in got} == {"A"}  # one engine run for four calls
+    assert len({g[1] for g in got}) == 1 and (memo.misses, memo.hits) == (1, 3)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="engine failed"):
+            memo(tmp_path / "bad")
+    assert reads.count("bad") == 2  # a failure is not kept
+    memo(tmp_path / "b")
+    memo(tmp_path / "c")  # size 2: "A" is forgotten
+    memo(tmp_path / "a")
+    assert reads.count("a") == 2 and len(reads) == 6
 
 
 def test_reading_order_groups_rows_then_left_to_right() -> None:

@@ -14,7 +14,9 @@ Backend settings (`spec.backend`):
 The model is a callable `model(text: str, images: list[Path]) -> str | dict`, where `text` is
 the messages' contents joined with newlines. A dict reply needs `text` and may carry
 `confidence` (in [0, 1]), `tokens_in` and `tokens_out` (default 0, so only the registry's
-per-call price applies). An `async def` model (or an object whose `__call__` is one) is
+per-call price applies), and `latency_s` (seconds >= 0; default the measured time of the call):
+the model's own account of its time, e.g. a model that kept an earlier result gives the time
+that result took (the OCR models' ReadMemo). An `async def` model (or an object whose `__call__` is one) is
 awaited on the event loop; a plain one runs in a worker thread.
 
 At most `spec.max_concurrency` calls run at once; each is bounded by `spec.timeout_s` ->
@@ -167,4 +169,10 @@ class PythonExpert(ExpertBackend):
                 raise ExpertReplyError(f"model {self.target} returned {key}={n!r}; expected an integer >= 0.",
                                        expert=self.name)
             tokens.append(n)
+        own = out.get("latency_s")
+        if own is not None:
+            if isinstance(own, bool) or not isinstance(own, (int, float)) or not 0.0 <= own < float("inf"):
+                raise ExpertReplyError(f"model {self.target} returned latency_s={own!r}; expected a number of "
+                                       "seconds >= 0 or none.", expert=self.name)
+            latency_s = float(own)
         return self.reply(out["text"], tokens[0], tokens[1], latency_s, confidence=conf)
