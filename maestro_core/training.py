@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from maestro_core.cache import ExpertCache
 from maestro_core.dataset import Item
@@ -104,6 +106,10 @@ class TrainConfig:
                 "and tesseract on Maestro-Mini; none: every target (docs/POLICY.md: tried, not the default)."})
     eval_every: int = field(default=10, metadata={"help": "Validate and checkpoint every N iterations."})
     val_items: int = field(default=100, metadata={"help": "Validation items scored at each evaluation (spread over the benchmarks; 100 = the whole Maestro-Mini val split)."})
+    collect_threads: int = field(default=0, metadata={
+        "help": "Torch CPU threads while a chunk is collected in this process (restored after): the in-process "
+                "experts generate at once (on Maestro-Mini the two LMs and OCR), and one thread each on a 2-core "
+                "machine avoids oversubscribing it. 0: auto, half the cores (at least 1); -1: torch's own setting."})
     chunk_size: int = field(default=0, metadata={
         "help": "Items per rollout chunk (one task and one shard each); 0: the whole iteration in one chunk, "
                 "which batches the policy best on one machine."})
@@ -190,6 +196,9 @@ class TrainConfig:
         if self.rl_contrast_steps < 1:
             raise ConfigError("rl_contrast_steps must be >= 1.", field="rl_contrast_steps",
                               fix="use 1 or more (rl_contrast_lr: 0 switches the term off).")
+        if self.collect_threads < -1:
+            raise ConfigError(f"collect_threads {self.collect_threads} is not a thread count.", field="collect_threads",
+                              fix="use a number >= 1, 0 for half the cores, or -1 for torch's own setting.")
         if self.pretrain_steps < 0:
             raise ConfigError("pretrain_steps must be >= 0.", field="pretrain_steps", fix="use 0 to switch it off.")
         if self.answer_from not in ANSWER_FROM:
@@ -684,6 +693,31 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any], prefix: 
     return out
 
 
+def collect_threads(config: TrainConfig) -> int | None:
+    """Torch threads for collecting in this process (TrainConfig.collect_threads); None: leave them."""
+    if config.collect_threads == -1:
+        return None
+    return config.collect_threads or max(1, (os.cpu_count() or 2) // 2)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Torch's intra-op CPU threads set to `n` inside (None: unchanged), restored on exit.
+    Threads that already ran a parallel torch op keep their own count; the episode runner's
+    worker threads are new for each chunk, so they take this one."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def hidden_cost_lambda_at(config: TrainConfig, iteration: int | None) -> float:
     """The hidden cost weight of `iteration` (None: the full weight), ramped over hidden_cost_warmup."""
     if iteration is None or config.hidden_cost_warmup <= 0:
@@ -921,7 +955,8 @@ class TrainingRun:
         from maestro_core.rollouts import run_chunk
 
         t0 = time.perf_counter()
-        out = run_chunk(spec, cache=self.cache, registry=self.registry, experts=self.experts, skip_existing=True)
+        with torch_threads(collect_threads(self.config)):
+            out = run_chunk(spec, cache=self.cache, registry=self.registry, experts=self.experts, skip_existing=True)
         self.cache.flush()
         t = self.timing.setdefault(spec.iteration, {})
         t["collect_s"] = t.get("collect_s", 0.0) + time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """The training loop end to end on in-process experts: collect -> store -> GRPO update -> validate."""
 
 import json
+import os
 
 import pytest
 
@@ -308,6 +309,58 @@ def test_balanced_batches_take_each_benchmark_in_turn():
     weighted = SimpleNamespace(config=TrainConfig(batch_weights={"charts": 2}), train_items=items)
     assert all(Counter(it.benchmark for it in TrainingRun.items_for(weighted, k)) == {"charts": 8, "math": 4, "text": 4}
                for k in range(5))
+
+
+SEEN_THREADS: list[int] = []
+
+
+def make_thread_recording_calculator():
+    """The calculator, recording the torch thread count of the thread each call runs in."""
+    import torch
+
+    from maestro_core.pymodels import calculator
+
+    calc = calculator()
+
+    def model(text, images):
+        SEEN_THREADS.append(torch.get_num_threads())
+        return calc(text, images)
+
+    return model
+
+
+def test_collection_runs_its_experts_on_collect_threads_and_restores_torch_threads(registry_dict, tmp_path):
+    import pytest
+    import torch
+
+    from maestro_core.errors import ConfigError
+    from maestro_core.training import TrainingRun, collect_threads, torch_threads
+
+    registry_dict["experts"][0]["backend"]["callable"] = "tests.test_training:make_thread_recording_calculator"
+    reg = parse_registry(registry_dict)
+    items = [Item(f"a{i}", "arith", f"What is {i} + {i}?", str(2 * i), "numeric") for i in range(4)]
+    cfg = TrainConfig(iterations=1, prompts_per_iteration=4, hidden=64, layers=2, heads=2, vocab_size=512,
+                      pretrain_steps=0, eval_every=5, val_items=2, budget_share=0.0, collect_threads=1,
+                      grpo=GRPOSettings.cpu_profile(num_generations=4, per_device_train_batch_size=8))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    SEEN_THREADS.clear()
+    try:
+        with Store(tmp_path / "home") as store:
+            run = TrainingRun(reg, items, items[:2], store=store, experts=build_experts(reg), config=cfg,
+                              out_dir=tmp_path / "run", run_id="ct", log=lambda s: None)
+            run.collect(0)
+            assert torch.get_num_threads() == 2  # restored for the update
+        assert SEEN_THREADS and set(SEEN_THREADS) == {1}
+        with torch_threads(None):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert collect_threads(TrainConfig(collect_threads=-1)) is None
+    assert collect_threads(TrainConfig(collect_threads=3)) == 3
+    assert collect_threads(TrainConfig()) == max(1, (os.cpu_count() or 2) // 2)
+    with pytest.raises(ConfigError, match="collect_threads"):
+        TrainConfig(collect_threads=-2)
 
 
 def test_the_default_cost_weight_is_one_the_policy_was_trained_with():
