@@ -221,11 +221,10 @@ def rapidocr_model(*, all_images: bool = False, threads: int | None = None, text
 
     threads: ONNX Runtime intra-op threads (default: $OMP_NUM_THREADS, else ONNX Runtime's
     choice). text_score: lines scoring below it are dropped. memo: images whose lines are kept
-    (ReadMemo; 0: off). Other keyword arguments go to
-    `RapidOCR(...)`. Two defaults differ from the package's: det_limit_type="max" (the
-    detector never upscales; the package's "min"/736 upscales a 60-pixel-high line ~12x and
-    was 10-20x slower and less accurate on rendered text) and width_height_ratio=-1 (no
-    letterboxing of long single lines)."""
+    (ReadMemo; 0: off). Other keyword arguments go to `RapidOCR(...)`. Two defaults differ
+    from the package's: det_limit_type="max" (the detector never upscales; the package's
+    "min"/736 upscales a 60-pixel-high line ~12x and was 10-20x slower and less accurate on
+    rendered text) and width_height_ratio=-1 (no letterboxing of long single lines)."""
     from rapidocr_onnxruntime import RapidOCR
 
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():

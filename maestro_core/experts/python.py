@@ -16,8 +16,8 @@ the messages' contents joined with newlines. A dict reply needs `text` and may c
 `confidence` (in [0, 1]), `tokens_in` and `tokens_out` (default 0, so only the registry's
 per-call price applies), and `latency_s` (seconds >= 0; default the measured time of the call):
 the model's own account of its time, e.g. a model that kept an earlier result gives the time
-that result took (the OCR models' ReadMemo). An `async def` model (or an object whose `__call__` is one) is
-awaited on the event loop; a plain one runs in a worker thread.
+that result took (the OCR models' ReadMemo). An `async def` model (or an object whose
+`__call__` is one) is awaited on the event loop; a plain one runs in a worker thread.
 
 At most `spec.max_concurrency` calls run at once; each is bounded by `spec.timeout_s` ->
 ExpertTimeout. A timed-out thread cannot be killed and finishes in the background (its slot is
