@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
+from maestro_core.imagetools import image_digest
 from maestro_core.protocol import Call
 from maestro_core.registry import Registry, Solver
 from maestro_core.skills import SkillResult
@@ -42,7 +42,6 @@ class ExpertCache:
         self._mem: dict[str, SkillResult] = {}
         self._pending: list[dict] = []
         self._inflight: dict[str, asyncio.Future] = {}
-        self._image_hashes: dict[tuple[str, int, int], str] = {}
         self._stored_keys: set[str] | None = None
         self._stored_generation = -1
         self.store_queries = 0
@@ -70,12 +69,7 @@ class ExpertCache:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def image_hash(self, path: str | Path) -> str:
-        st = os.stat(path)
-        k = (str(path), st.st_mtime_ns, st.st_size)
-        h = self._image_hashes.get(k)
-        if h is None:
-            h = self._image_hashes[k] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        return h
+        return image_digest(path)
 
     # -- lookups --------------------------------------------------------------------------
     def get(self, key: str) -> SkillResult | None:

@@ -9,6 +9,7 @@ input gives the same file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -20,6 +21,18 @@ from maestro_core.tools import ToolOutput
 from maestro_core.weights import maestro_home
 
 MAX_PIXELS = 50_000_000
+
+
+def image_digest(path: str | Path) -> str:
+    """sha256 of the file's bytes, read once per (path, modification time, size) in this
+    process (the expert cache's keys and the OCR models' ReadMemo both ask for it per call)."""
+    st = os.stat(path)
+    return _file_digest(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def find_box(gray: np.ndarray, *, min_frac: float = 1e-4, max_frac: float = 0.08) -> tuple[int, int, int, int] | None:

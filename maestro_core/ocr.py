@@ -35,7 +35,6 @@ lines, ~1.2 s for the same page, exact on clean print of 10 px and more.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -47,6 +46,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from maestro_core.imagetools import image_digest
 
 BOXES_MARKER = "[boxes]"
 NO_TEXT = "(no text found)"
@@ -140,9 +141,10 @@ def format_reply(results: Sequence[list[OcrLine]], prompt: str) -> dict[str, Any
 
 
 class ReadMemo:
-    """The lines an engine read, per image content (sha256 of the file), for the last `size`
-    images, with the seconds each read took. A read of an image being read by another thread
-    waits for that read instead of running the engine again; a read that raises is not kept."""
+    """The lines an engine read, per image content (`image_digest`: sha256 of the file), for
+    the last `size` images, with the seconds each read took. A read of an image being read by
+    another thread waits for that read instead of running the engine again; a read that raises
+    is not kept."""
 
     def __init__(self, read: Callable[[Path], list[OcrLine]], size: int = 1024):
         self._read = read
@@ -159,7 +161,7 @@ class ReadMemo:
             t0 = time.perf_counter()
             lines = self._read(path)
             return lines, time.perf_counter() - t0
-        key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        key = image_digest(path)
         with self._lock:
             reading = self._reading.setdefault(key, threading.Lock())
         with reading:
