@@ -147,6 +147,9 @@ class ReadMemo:
     is not kept."""
 
     def __init__(self, read: Callable[[Path], list[OcrLine]], size: int = 1024):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"memo must be a whole number of images >= 0, got {size!r}; use e.g. 1024, or 0 to "
+                             "turn the memo off")
         self._read = read
         self.size = size
         self._lines: OrderedDict[str, tuple[list[OcrLine], float]] = OrderedDict()

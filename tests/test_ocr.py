@@ -199,6 +199,9 @@ def test_the_read_memo_reads_an_image_once_across_threads_keeps_no_failure_and_f
     memo(tmp_path / "c")  # size 2: "A" is forgotten
     memo(tmp_path / "a")
     assert reads.count("a") == 2 and len(reads) == 6
+    for bad in (-1, "many", 2.5):
+        with pytest.raises(ValueError, match="memo must be a whole number"):
+            ReadMemo(read, size=bad)
 
 
 def test_reading_order_groups_rows_then_left_to_right() -> None:
