@@ -106,7 +106,7 @@ import httpx
 from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.errors import ConfigError, ExpertError, ExpertHTTPError, ExpertReplyError, ExpertTimeout
 from maestro_core.policy import EpisodeView, PolicyTurn
-from maestro_core.registry import ActionGrammar, Registry
+from maestro_core.registry import IMAGE_ROUTING, ActionGrammar, Registry
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class OpenAIPolicy:
                  max_concurrency: int = 256, trust_env: bool = False, checkpoint_id: str | None = None,
                  sync: str = "reload_weights", sync_requests: Sequence[tuple[str, Any]] | None = None,
                  sync_timeout_s: float = 900.0, lora_name_prefix: str = "maestro-policy",
-                 actions: Sequence[str] | None = None, free_input: bool = True, vision: bool = False):
+                 actions: Sequence[str] | None = None, free_input: bool = True, vision: bool = False,
+                 image_routing: str = "any"):
         if temperature < 0:
             raise ConfigError("temperature must be >= 0.", field="temperature", fix="use e.g. 1.0 (the paper's setting).")
         if max_tokens < 1:
@@ -203,6 +204,11 @@ class OpenAIPolicy:
                               field="actions", fix=f"use a non-empty subset of {list(every)}.")
         self.free_input = free_input
         self.regex = ActionGrammar(self.actions).regex(free_input)
+        if image_routing not in IMAGE_ROUTING:
+            raise ConfigError(f"image_routing '{image_routing}' is unknown.", field="image_routing",
+                              fix=f"use one of {list(IMAGE_ROUTING)}.")
+        self.image_routing = image_routing
+        """Which actions a turn offers given the task's images (Registry.for_images), as LMPolicy."""
         self._api_key_env = api_key_env
         self._api_key: str | None = None
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -261,11 +267,14 @@ class OpenAIPolicy:
         last = view is not None and view.max_turns > 0 and view.turn >= view.max_turns - 1
         if last and self.answer_on_last_turn:
             return ANSWER_ONLY_REGEX
-        budget = view.budget_left if view is not None else None
-        if budget is not None:  # only the calls the budget left can pay for (none: answer)
-            ok = self.registry.affordable(self.actions, budget)
-            if ok != self.actions:
-                return ActionGrammar(ok).regex(self.free_input) if ok else ANSWER_ONLY_REGEX
+        if view is None:
+            return self.regex
+        # only the calls the task's images allow and the budget left can pay for (none: answer)
+        ok = self.registry.for_images(self.actions, self.image_routing, has_images=bool(view.images),
+                                      first_call=view.turn == 0)
+        ok = self.registry.affordable(ok, view.budget_left)
+        if ok != self.actions:
+            return ActionGrammar(ok).regex(self.free_input) if ok else ANSWER_ONLY_REGEX
         return self.regex
 
     def request_messages(self, messages: Sequence[Mapping[str, str]], view: EpisodeView | None) -> list[dict]:

@@ -33,7 +33,7 @@ from maestro_core.constrained import ActionConstraint, TurnState
 from maestro_core.errors import ConfigError
 from maestro_core.policy import EpisodeView, PolicyTurn, information_text
 from maestro_core.protocol import ANSWER_FROM, unescape
-from maestro_core.registry import Registry
+from maestro_core.registry import IMAGE_ROUTING, Registry
 
 
 @dataclass
@@ -59,7 +59,7 @@ class LMPolicy:
                  actions: Sequence[str] | None = None, answer_from: str = "any",
                  checkpoint_id: str = "lm-policy", max_batch_size: int = 64, batch_window_s: float = 0.005,
                  seed: int = 0, threaded: bool = True, share_prefix: bool = True, explore: float = 0.0,
-                 explore_within: float | None = None, price_tilt: float = 0.0):
+                 explore_within: float | None = None, price_tilt: float = 0.0, image_routing: str = "any"):
         if temperature < 0:
             raise ValueError("temperature must be >= 0 (0 = greedy).")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -118,7 +118,14 @@ class LMPolicy:
         self._constraint_kw = dict(max_tokens=max_turn_tokens, allow_think=allow_think,
                                    forward_question=forward_question, free_input=free_input, prices=prices)
         self.constraint = ActionConstraint(tokenizer, self.actions, **self._constraint_kw) if constrained else None
-        self._budget_constraints: dict[tuple[str, ...], ActionConstraint] = {}
+        if image_routing not in IMAGE_ROUTING:
+            raise ConfigError(f"image_routing '{image_routing}' is unknown.", source="LMPolicy", field="image_routing",
+                              fix=f"use one of {list(IMAGE_ROUTING)}.")
+        self.image_routing = image_routing
+        """Which actions a turn offers given the task's images (Registry.for_images): 'any' (all),
+        'match' (no image-reading skill on a task without images), 'first' (also: an image task's
+        first call goes to a skill that sees its images)."""
+        self._narrowed: dict[tuple[str, ...], ActionConstraint] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self.stats = PolicyStats()
         self._queue: list[_Request] = []
@@ -160,7 +167,7 @@ class LMPolicy:
         state = None
         if self.constraint is not None:
             last = view is not None and view.max_turns > 0 and view.turn >= view.max_turns - 1
-            constraint, none_affordable = self.constraint_for(view.budget_left if view is not None else None)
+            constraint, none_affordable = self.constraint_for(view)
             state = constraint.start(self.candidates(messages) if self.answer_candidates else None,
                                      answer_only=(last and self.answer_on_last_turn) or none_affordable,
                                      call_until_candidates=self.answer_candidates)
@@ -179,17 +186,23 @@ class LMPolicy:
             self._turns.popitem(last=False)
         return PolicyTurn(text, tuple(ids), tuple(lps))
 
-    def constraint_for(self, budget_left: float | None) -> tuple[ActionConstraint, bool]:
-        """The turn grammar under the budget left: only the affordable actions (one grammar per
-        distinct set, cached); (grammar, True) when no call fits (the turn must answer)."""
-        ok = self.registry.affordable(self.actions, budget_left)
+    def constraint_for(self, view: EpisodeView | None) -> tuple[ActionConstraint, bool]:
+        """The turn grammar of this episode turn: only the actions its images allow
+        (image_routing, Registry.for_images) that the budget left can pay for (Registry.
+        affordable); one grammar per distinct set, cached; (grammar, True) when no call is
+        offered (the turn must answer)."""
+        ok = self.actions
+        if view is not None:
+            ok = self.registry.for_images(ok, self.image_routing, has_images=bool(view.images),
+                                          first_call=view.turn == 0)
+            ok = self.registry.affordable(ok, view.budget_left)
         if ok == self.actions:
             return self.constraint, False
         if not ok:
             return self.constraint, True
-        g = self._budget_constraints.get(ok)
+        g = self._narrowed.get(ok)
         if g is None:
-            g = self._budget_constraints[ok] = ActionConstraint(self.tokenizer, ok, **self._constraint_kw)
+            g = self._narrowed[ok] = ActionConstraint(self.tokenizer, ok, **self._constraint_kw)
         return g, False
 
     async def _serve(self):

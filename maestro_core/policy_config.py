@@ -182,8 +182,8 @@ class PolicyConfig:
         """OpenAIPolicy keyword arguments (without base_url and model), defaults filled in from
         the training config `train`: temperature, max_tokens, seed, tokenizer (= checkpoint;
         a local folder as an absolute path, so a chunk in another working directory finds it);
-        with `registry`, also the action space of `train` (`actions: level1` and `call_input:
-        question` narrow the served grammar as they narrow the in-process policy's)."""
+        with `registry`, also the action space of `train` (`actions: level1`, `call_input:
+        question` and `image_routing` narrow the served grammar as they narrow the in-process policy's)."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_OPENAI_KWARGS}
         tok = kw["tokenizer"] or self.checkpoint
         kw["tokenizer"] = str(Path(tok).resolve()) if tok and Path(tok).is_dir() else tok
@@ -197,6 +197,7 @@ class PolicyConfig:
 
             decoding = policy_kwargs(train, registry)
             kw["actions"], kw["free_input"] = list(decoding["actions"]), decoding["free_input"]
+            kw["image_routing"] = decoding["image_routing"]
         return {k: v for k, v in kw.items() if v is not None}
 
     def build(self, registry, train, **overrides: Any):

@@ -37,6 +37,10 @@ BACKEND_REQUIRED = {
     "python": ("callable",),
 }
 STEP_KINDS = ("prompt", "tool", "code")
+IMAGE_USES = ("used", "required", "ignored")
+"""How a skill's calls use the episode's images (Skill.images)."""
+IMAGE_ROUTING = ("any", "match", "first")
+"""Which actions a policy turn offers given the task's images (Registry.for_images)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,10 @@ class Skill:
     dispatch: tuple[tuple[str, str], ...] = ()
     """(regex, solver) rules tried in order on the call input when the policy names only the
     level-1 skill; the default solver when none matches."""
+    images: str = "used"
+    """How its calls use the episode's images: 'used' (the expert sees them when the task has
+    some; the default), 'required' (they read the image and fail without one: chart, OCR and
+    digit skills), 'ignored' (text only: no step ever sees an image). Registry.for_images reads it."""
 
     def pick_solver(self, call_input: str, runnable: frozenset[str] | None = None) -> Solver:
         """The first dispatch rule matching the input, else the default solver, among the
@@ -221,6 +229,27 @@ class Registry:
         if budget_left is None:
             return tuple(actions)
         return tuple(a for a in actions if self.call_price(a) <= budget_left + 1e-12)
+
+    def for_images(self, actions: Sequence[str], routing: str, *, has_images: bool, first_call: bool
+                   ) -> tuple[str, ...]:
+        """The actions (EXPERT@@SKILL[/SOLVER], order kept) a policy turn offers under image
+        `routing` (IMAGE_ROUTING): 'any': all; 'match': not the skills whose `images` is
+        'required' on a task without images; 'first': 'match', and on a task with images the
+        first call goes to a skill that sees them ('required' or 'used'): text-only skills
+        ('ignored') are offered from the second call on, when an observation has brought
+        something they can read. Nothing is narrowed where it would leave no action."""
+        if routing not in IMAGE_ROUTING:
+            raise ConfigError(f"image routing '{routing}' is unknown.", field="image_routing",
+                              fix=f"use one of {list(IMAGE_ROUTING)}.")
+        if routing == "any":
+            return tuple(actions)
+        use = {a: self.skills[a.split("@@", 1)[1].split("/", 1)[0]].images for a in actions}
+        if not has_images:
+            return tuple(a for a in actions if use[a] != "required")
+        if routing == "first" and first_call:
+            seeing = tuple(a for a in actions if use[a] != "ignored")
+            return seeing or tuple(actions)
+        return tuple(actions)
 
     # -- rendering ------------------------------------------------------------------------
     def catalogue(self, compact: bool = False) -> str:
@@ -443,7 +472,12 @@ def _parse_skill(v: _Validator, s: Any, i: int, vocab: Mapping[str, str], expert
         raise v.err("each skill must be a mapping.", entry=entry, fix="write 'name:', 'requires:', 'solvers:' keys.")
     name = v.string(s, entry, "name", name=True)
     entry = f"skill {name}"
-    v.allowed(s, entry, {"name", "description", "requires", "solvers", "default_solver", "dispatch"})
+    v.allowed(s, entry, {"name", "description", "requires", "solvers", "default_solver", "dispatch", "images"})
+    images = s.get("images", "used")
+    if images not in IMAGE_USES:
+        raise v.err(f"images {images!r} is unknown.", entry=entry, field="images",
+                    fix="use 'required' (the skill reads the image and fails without one), 'ignored' (text only) "
+                        "or 'used' (it sees the images when there are some; the default).")
     requires = v.caps(s, entry, "requires", vocab, required=False)
     sv_raw = s.get("solvers")
     if not isinstance(sv_raw, list) or not sv_raw:
@@ -484,7 +518,7 @@ def _parse_skill(v: _Validator, s: Any, i: int, vocab: Mapping[str, str], expert
             raise v.err(f"invalid regex: {e}.", entry=entry, field=f"dispatch[{k}].pattern", fix="correct the regular expression.") from e
         dispatch.append((str(rule["pattern"]), str(rule["solver"])))
     return Skill(name=name, description=str(s.get("description", "")), requires=requires,
-                 solvers=MappingProxyType(solvers), default_solver=default, dispatch=tuple(dispatch))
+                 solvers=MappingProxyType(solvers), default_solver=default, dispatch=tuple(dispatch), images=images)
 
 
 def _parse_step(v: _Validator, st: Any, entry: str, experts: Mapping[str, Expert], tools: Mapping[str, Any] | None) -> Step:
@@ -553,7 +587,9 @@ def _normalised(reg: Registry) -> dict:
                        "default_solver": s.default_solver, "dispatch": [list(r) for r in s.dispatch],
                        "solvers": {sn: {"description": sv.description, "requires": sorted(sv.requires),
                                         "steps": [step(st) for st in sv.steps]}
-                                   for sn, sv in s.solvers.items()}} for n, s in reg.skills.items()},
+                                   for sn, sv in s.solvers.items()},
+                       # only when set: registries without one keep their version
+                       **({"images": s.images} if s.images != "used" else {})} for n, s in reg.skills.items()},
     })
 
 

@@ -31,7 +31,7 @@ from maestro_core.errors import ConfigError
 from maestro_core.grpo import GRPOSettings, grpo_update
 from maestro_core.protocol import ANSWER_FROM
 from maestro_core.question_noise import QuestionNoise
-from maestro_core.registry import Registry
+from maestro_core.registry import IMAGE_ROUTING, Registry
 from maestro_core.rewards import RewardConfig
 from maestro_core.trajectory import Trajectory
 
@@ -75,6 +75,13 @@ class TrainConfig:
     actions: str = field(default="level1", metadata={
         "help": "'level1': the policy picks EXPERT@@SKILL and the skill picks its solver (the paper's action "
                 "space; 10 actions on Maestro-Mini); 'all': level-2 EXPERT@@SKILL/SOLVER actions too."})
+    image_routing: str = field(default="first", metadata={
+        "help": "Which actions a turn offers given the task's images (the registry's skill `images:`; "
+                "Registry.for_images): 'any': every action on every turn (the paper's setting); 'match': no "
+                "image-reading skill ('required') on a task without images; 'first' (CPU default): also, on a "
+                "task with images, the first call goes to a skill that sees them, and text-only skills "
+                "('ignored') are offered from the second call on. A text LM asked about a chart it cannot see "
+                "only guesses; on Maestro-Mini such calls were most of the early iterations' expert time."})
     pretrain_steps: int = field(default=300, metadata={
         "help": "Label-free warm-up steps before RL (pretrain_reader: the first action's position predicts "
                 "the question's words; no answers, routes or rewards), so the random-init policy reads its "
@@ -208,6 +215,9 @@ class TrainConfig:
             raise ConfigError(f"answer_from 'last' with max_turns {self.max_turns}: an episode has one call, so it "
                               "answers from that call either way.", field="answer_from",
                               fix="set max_turns: 3 (call, call again or answer, answer), or leave answer_from out.")
+        if self.image_routing not in IMAGE_ROUTING:
+            raise ConfigError(f"image_routing '{self.image_routing}' is unknown.", field="image_routing",
+                              fix=f"use one of {list(IMAGE_ROUTING)}.")
         if self.call_input not in ("question", "free"):
             raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
                               fix="use 'question' or 'free'.")
@@ -363,7 +373,9 @@ def policy_kwargs(config: TrainConfig | dict, registry: Registry) -> dict:
         actions = tuple(a for a in actions if "/" not in a)
     return dict(max_turn_tokens=int(cfg.get("max_turn_tokens", 24)), constrained=True, forward_question=True,
                 free_input=cfg.get("call_input", "free") == "free", answer_candidates=True, answer_on_last_turn=True,
-                answer_from=cfg.get("answer_from", "any"), actions=actions)
+                answer_from=cfg.get("answer_from", "any"), actions=actions,
+                # a config stored before image routing existed offered every action
+                image_routing=cfg.get("image_routing", "any"))
 
 
 def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, steps: int, lr: float = 1e-3,

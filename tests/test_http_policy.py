@@ -396,6 +396,35 @@ def test_a_budget_narrows_the_served_grammar(reg):
     assert _re.fullmatch(none, "<answer>7</answer>")
 
 
+def test_image_routing_narrows_the_served_grammar(reg):
+    """With image_routing 'first' the regex sent for an image task's first call offers only the
+    skills that see images; a task without images gets none of the 'required' ones; the
+    training config carries the setting to the served policy."""
+    import copy
+    import re as _re
+
+    from maestro_core.policy import EpisodeView
+    from maestro_core.policy_config import PolicyConfig
+    from maestro_core.registry import parse_registry
+    from maestro_core.training import TrainConfig
+    from tests.conftest import BASE_REGISTRY
+
+    d = copy.deepcopy(BASE_REGISTRY)
+    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
+    d["skills"] = [dict(s, images={"math": "ignored", "text": "required"}[s["name"]])
+                   for s in d["skills"] if s["name"] != "chat"]
+    imaged = parse_registry(d, source="unit.yaml")
+    kw = PolicyConfig(backend="openai", checkpoint="c", base_url="u").openai_kwargs(TrainConfig(), imaged)
+    assert kw["image_routing"] == "first"
+    policy = OpenAIPolicy("http://127.0.0.1:9/v1", "m", imaged, record_tokens=False, actions=kw["actions"],
+                          free_input=kw["free_input"], image_routing=kw["image_routing"])
+    calls = lambda rx: {a.split("@@")[1] for a in kw["actions"] if _re.fullmatch(rx, f"<call>{a}</call>")}  # noqa: E731
+    assert calls(policy.turn_regex(EpisodeView("e", 0, 0, 4, images=("a.png",)))) == {"text"}
+    assert calls(policy.turn_regex(EpisodeView("e", 0, 0, 4))) == {"math"}
+    assert calls(policy.turn_regex(EpisodeView("e", 0, 1, 4, images=("a.png",)))) == {"math", "text"}
+    assert _re.fullmatch(policy.turn_regex(EpisodeView("e", 0, 0, 4, images=("a.png",))), "<answer>4</answer>")
+
+
 def test_the_served_grammar_follows_the_training_action_space(reg):
     """`actions: level1` and `call_input: question` narrow the regex sent to the server as they
     narrow the in-process policy's constraint, under a budget too."""

@@ -234,6 +234,43 @@ async def test_a_budget_offers_only_the_calls_it_can_pay_for(reg, tok, model):
     assert all(s.expert in (None, "calc") for s in t.steps)
 
 
+async def test_image_routing_offers_an_image_task_s_first_call_only_the_skills_that_see_images(tok, model):
+    """image_routing 'first', on a registry whose `text` skill reads the image ('required') and
+    whose `math` skill is text only ('ignored'): a random model's first call on a task with an
+    image always goes to `text`, on a task without images never; later calls go to both, as
+    every call does with 'any'. An unknown routing is refused with the fix."""
+    import copy
+
+    from maestro_core.registry import parse_registry
+    from tests.conftest import BASE_REGISTRY
+
+    d = copy.deepcopy(BASE_REGISTRY)
+    d["experts"] = [e for e in d["experts"] if e["name"] != "llm"]
+    d["skills"] = [dict(s, images={"math": "ignored", "text": "required"}[s["name"]])
+                   for s in d["skills"] if s["name"] != "chat"]
+    reg = parse_registry(d, source="unit.yaml")
+    msgs = build_messages(reg, ITEMS[0])
+    kw = dict(temperature=3.0, max_turn_tokens=8, forward_question=True, free_input=False)
+    first, every = LMPolicy(model, tok, reg, image_routing="first", **kw), LMPolicy(model, tok, reg, **kw)
+
+    async def skills(pol, turn, images, n=120):
+        out = set()
+        for i in range(n):
+            action = parse_action((await pol.act(msgs, EpisodeView(f"{turn}{images}{i}", 0, turn, 4,
+                                                                   images=images))).text, reg)
+            if isinstance(action, Call):
+                out.add(action.skill)
+        return out
+
+    assert await skills(first, 0, ("a.png",)) == {"text"}
+    assert await skills(first, 0, ()) == {"math"}
+    assert await skills(first, 1, ("a.png",)) == {"math", "text"}
+    assert await skills(every, 0, ("a.png",)) == {"math", "text"}
+    with pytest.raises(ConfigError) as e:
+        LMPolicy(model, tok, reg, image_routing="sometimes")
+    assert "'first'" in e.value.fix
+
+
 def _check_explored_draws(pol, model, reg, explored) -> set[int]:
     """Draw 64 first turns of ITEMS[0] at temperature 0.7 and check every recorded logprob
     against the policy's own distribution, mixed at the target positions with

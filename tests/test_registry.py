@@ -41,6 +41,36 @@ def test_version_is_content_hash(registry_dict):
     assert len(a.version) == 16
 
 
+def test_skill_images_and_the_actions_a_task_s_images_allow(registry_dict):
+    """`images:` per skill: omitted it is 'used' and the version is what it was without the
+    field; 'required' skills are not offered on a task without images; with routing 'first' an
+    image task's first call goes to skills that see images, later calls to every skill; nothing
+    is narrowed to no action; an unknown routing is a ConfigError with the fix."""
+    plain = parse_registry(registry_dict)
+    assert {s.images for s in plain.skills.values()} == {"used"}
+    explicit = dict(registry_dict, skills=[dict(s, images="used") for s in registry_dict["skills"]])
+    assert parse_registry(explicit).version == plain.version
+    uses = {"math": "ignored", "text": "required", "chat": "used"}
+    reg = parse_registry(dict(registry_dict, skills=[dict(s, images=uses[s["name"]]) for s in registry_dict["skills"]]))
+    assert reg.version != plain.version and reg.to_dict()["skills"]["text"]["images"] == "required"
+    acts = reg.grammar().actions
+    skill = lambda a: a.split("@@")[1].split("/")[0]  # noqa: E731
+    offered = lambda routing, **kw: {skill(a) for a in reg.for_images(acts, routing, **kw)}  # noqa: E731
+    assert offered("any", has_images=False, first_call=True) == {"math", "text", "chat"}
+    for routing in ("match", "first"):
+        assert offered(routing, has_images=False, first_call=True) == {"math", "chat"}
+        assert offered(routing, has_images=False, first_call=False) == {"math", "chat"}
+    assert offered("match", has_images=True, first_call=True) == {"math", "text", "chat"}
+    assert offered("first", has_images=True, first_call=True) == {"text", "chat"}
+    assert offered("first", has_images=True, first_call=False) == {"math", "text", "chat"}
+    assert reg.for_images(acts, "first", has_images=True, first_call=False) == acts  # order kept
+    text_only = parse_registry(dict(registry_dict, skills=[dict(s, images="ignored") for s in registry_dict["skills"]]))
+    assert text_only.for_images(acts, "first", has_images=True, first_call=True) == acts
+    with pytest.raises(ConfigError) as e:
+        reg.for_images(acts, "sometimes", has_images=True, first_call=True)
+    assert "'first'" in e.value.fix
+
+
 def test_dispatch_picks_solver(registry):
     assert registry.skills["text"].pick_solver("count the letter a in 'banana'").name == "letters"
     assert registry.skills["text"].pick_solver("'a b c'").name == "words"
@@ -57,6 +87,7 @@ def test_dispatch_picks_solver(registry):
     (lambda d: d["experts"][0].update(timeout=3), "calc", "timeout", "spelling"),
     (lambda d: d["skills"].append(dict(d["skills"][0])), "math", "name", "unique"),
     (lambda d: d["experts"][1].update(name="bad name"), "experts[1]", "name", "letters"),
+    (lambda d: d["skills"][1].update(images="sometimes"), "text", "images", "'required'"),
 ])
 def test_validation_names_entry_field_fix(registry_dict, mutate, entry, field, fix):
     mutate(registry_dict)
@@ -79,6 +110,10 @@ def test_bad_yaml_file(tmp_path):
 def test_shipped_registry_is_valid():
     reg = load_registry(ROOT / "registry" / "maestro-mini.yaml")
     assert reg.grammar().actions
+    # its image-reading skills need an image; the LMs and the calculator get text only
+    assert {n: s.images for n, s in reg.skills.items()} == {
+        "math": "ignored", "general": "ignored", "chart": "required", "text_reading": "required",
+        "perception": "required"}
 
 
 def test_cli_validate_exit_codes(tmp_path, registry_dict):

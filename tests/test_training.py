@@ -363,6 +363,24 @@ def test_collection_runs_its_experts_on_collect_threads_and_restores_torch_threa
         TrainConfig(collect_threads=-2)
 
 
+def test_image_routing_is_validated_and_a_config_stored_without_it_keeps_every_action():
+    """TrainConfig.image_routing reaches the policy's decoding settings ('first' by default); a
+    checkpoint's stored config from before the setting decodes as it was trained ('any')."""
+    import pytest
+
+    from maestro_core.errors import ConfigError
+    from maestro_core.registry import DEFAULT_REGISTRY, load_registry
+    from maestro_core.training import policy_kwargs
+
+    reg = load_registry(DEFAULT_REGISTRY)
+    assert policy_kwargs(TrainConfig(), reg)["image_routing"] == "first"
+    assert policy_kwargs(TrainConfig(image_routing="match"), reg)["image_routing"] == "match"
+    assert policy_kwargs({"actions": "level1", "call_input": "question"}, reg)["image_routing"] == "any"
+    with pytest.raises(ConfigError, match="image_routing") as e:
+        TrainConfig(image_routing="images")
+    assert "'any'" in e.value.fix
+
+
 def test_the_default_cost_weight_is_one_the_policy_was_trained_with():
     from maestro_core.training import default_cost_lambda
 
