@@ -137,6 +137,13 @@ class GRPOSettings:
                                                "with the vocabulary (train.vocab_from). The log-probs where the loss "
                                                "reads them are the same; elsewhere they are 0.",
                                          trl=False)
+    share_prompt_prefix: bool = _f(True, "Score each micro-batch with the prompt prefix all its episodes share "
+                                         "(the system prompt: 90 of ~140 tokens per episode on Maestro-Mini) run "
+                                         "once and its keys and values reused by every row "
+                                         "(shared_prefix_token_logps), instead of once per episode; the same "
+                                         "log-probs and gradients up to float rounding. Text-only learners "
+                                         "without LoRA; others, and batches that share under 16 tokens, are "
+                                         "scored by TRL as before.", trl=False)
     propensity_cap: float | None = _f(None, "Weights each episode's advantage by 1 / its sampling probability (the "
                                            "product of the recorded probabilities of its unforced policy tokens: "
                                            "the routing choice), capped here, taken against the weighted group "
@@ -663,6 +670,7 @@ def _make_trainer(settings: GRPOSettings, tokenizer: Any, **kw: Any) -> Any:
     trainer.negative_advantage_scale = settings.negative_advantage_scale
     trainer.propensity_cap = settings.propensity_cap
     trainer.score_policy_tokens_only = settings.score_policy_tokens_only and settings.lora_config() is None
+    trainer.share_prompt_prefix = settings.share_prompt_prefix and settings.lora_config() is None
     _quiet(trainer)
     return trainer
 
@@ -700,6 +708,66 @@ def policy_token_logps(model: Any, input_ids: Any, attention_mask: Any, mask: An
     return logps, entropies
 
 
+SHARED_PREFIX_MIN = 16
+"""Fewer shared prompt tokens than this: shared_prefix_token_logps declines (nothing to save)."""
+
+
+def shared_prefix_token_logps(model: Any, input_ids: Any, attention_mask: Any, n: int, temperature: float,
+                              mask: Any = None, compute_entropy: bool = False) -> tuple[Any, Any] | None:
+    """TRL's scoring of the last `n` tokens of `input_ids` (left-padded prompts, then right-
+    padded completions; log-probs at `temperature`, 0 where `attention_mask` is 0), with the
+    prompt prefix every row shares run once: its keys and values are repeated for each row,
+    and only the rest of each row runs through the model, right-padded, at the positions it has
+    in the unpadded sequence (so the same log-probs, and gradients, up to float rounding). The
+    output layer applies only where `mask` is True, when one is given (policy_token_logps).
+    None when the rows share fewer than SHARED_PREFIX_MIN prompt tokens or a row's tokens are
+    not contiguous (the caller then scores the usual way)."""
+    import torch
+
+    B, T = input_ids.shape
+    am = attention_mask.bool()
+    lead = (~am).int().cumprod(1).sum(1)  # each row's left padding
+    length = am.sum(1)
+    pos = torch.arange(T, device=input_ids.device)
+    if not bool((am == ((pos >= lead[:, None]) & (pos < (lead + length)[:, None]))).all()):
+        return None
+    prompt_len = (T - n) - lead  # each row's prompt tokens
+    first = input_ids[0, lead[0]:lead[0] + prompt_len.min()]
+    P = int(prompt_len.min()) - 1  # at least one prompt token runs per row: its state predicts the first completion token
+    for i in range(1, B):
+        row = input_ids[i, lead[i]:lead[i] + P]
+        diff = (row != first[:P]).nonzero()
+        if len(diff):
+            P = int(diff[0])
+    if P < SHARED_PREFIX_MIN:
+        return None
+    backbone = model.base_model
+    cache = backbone(input_ids=first[None, :P], use_cache=True).cache
+    cache.batch_repeat_interleave(B)
+    L = int((length - P).max())
+    rest = input_ids.new_full((B, L), 0)
+    rest_mask = attention_mask.new_zeros((B, L))
+    for i in range(B):
+        k = int(length[i]) - P
+        rest[i, :k] = input_ids[i, lead[i] + P:lead[i] + length[i]]
+        rest_mask[i, :k] = 1
+    states = backbone(input_ids=rest, attention_mask=torch.cat([attention_mask.new_ones((B, P)), rest_mask], 1),
+                      cache=cache, use_cache=True).last_hidden_state
+    # completion column c of row i is token T - n + c; the state at the token before it predicts it
+    cols = torch.arange(n, device=input_ids.device)
+    where = (T - n + cols)[None, :] - lead[:, None] - 1 - P
+    sel = am[:, -n:] if mask is None else am[:, -n:] & mask.bool()
+    picked_states = states[torch.arange(B)[:, None].expand(B, n)[sel], where[sel]]
+    logp = (model.get_output_embeddings()(picked_states).float() / temperature).log_softmax(-1)
+    picked = logp.gather(-1, input_ids[:, -n:][sel].unsqueeze(-1)).squeeze(-1)
+    logps = picked.new_zeros(sel.shape).masked_scatter(sel, picked)
+    entropies = None
+    if compute_entropy:
+        ent = -(logp.exp() * logp).sum(-1)
+        entropies = ent.new_zeros(sel.shape).masked_scatter(sel, ent)
+    return logps, entropies
+
+
 @functools.cache
 def _base_trainer_class() -> type:
     from trl import GRPOTrainer
@@ -714,6 +782,7 @@ def _base_trainer_class() -> type:
         negative_advantage_scale: float = 1.0
         propensity_cap: float | None = None
         score_policy_tokens_only: bool = False
+        share_prompt_prefix: bool = False
         _score_mask: Any = None
 
         def _compute_loss(self, model: Any, inputs: dict) -> Any:
@@ -728,9 +797,27 @@ def _base_trainer_class() -> type:
                                                logits_to_keep: int, batch_size: int | None = None,
                                                compute_entropy: bool = False, compute_aux_loss: bool = False,
                                                **kwargs: Any):
+            import torch
+
             mask = self._score_mask
-            if (mask is None or compute_aux_loss or any(v is not None for v in kwargs.values())
-                    or tuple(mask.shape) != (input_ids.size(0), logits_to_keep)):
+            if mask is not None and tuple(mask.shape) != (input_ids.size(0), logits_to_keep):
+                mask = None
+            plain = compute_aux_loss or any(v is not None for v in kwargs.values())
+            if not plain and self.share_prompt_prefix:
+                size = batch_size or input_ids.size(0)
+                parts = []
+                with self.accelerator.autocast():
+                    for a in range(0, input_ids.size(0), size):
+                        parts.append(shared_prefix_token_logps(
+                            model, input_ids[a:a + size], attention_mask[a:a + size], logits_to_keep,
+                            self.temperature, None if mask is None else mask[a:a + size], compute_entropy))
+                        if parts[-1] is None:
+                            break
+                if parts and all(p is not None for p in parts):
+                    logps = torch.cat([p[0] for p in parts])
+                    entropies = torch.cat([p[1] for p in parts]) if compute_entropy else None
+                    return logps, entropies, None
+            if plain or mask is None:
                 return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                                   batch_size, compute_entropy, compute_aux_loss,
                                                                   **kwargs)

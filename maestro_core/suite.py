@@ -266,10 +266,48 @@ def compute_version(items: Sequence[Item], hashes: dict[str, str], meta: dict[st
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+PARALLEL_MIN_ITEMS = 200
+"""Suites with fewer items than this are generated in process (workers' start-up would cost more)."""
+CHUNK_ITEMS = 30
+"""Items per worker task when the first batches are generated in parallel."""
+
+
+def _generate_chunk(name: str, seed: int, image_dir: str, start: int, n: int) -> list[tuple[Item, dict]]:
+    """Items start..start+n-1 of one benchmark (a worker process's task)."""
+    return benchmark_module(name).generate_with_meta(n, seed, Path(image_dir), start=start)
+
+
+def _first_batches(config: SuiteConfig, scratch: Path, workers: int,
+                   progress: ProgressFn | None) -> dict[str, list[tuple[Item, dict]]]:
+    """Every benchmark's first batch (its items 0..total-1, what one build almost always uses
+    alone), generated in `workers` processes in chunks. A benchmark's item i depends only on
+    the seed and i, so the items, images and version are those of generating in process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    total = sum(config.per_split().values())
+    done = {name: 0 for name in config.benchmarks}
+    parts: dict[str, dict[int, list]] = {name: {} for name in config.benchmarks}
+    # spawned, not forked: the caller may run threads (Prefect, the store), which a fork copies mid-state
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_generate_chunk, name, config.seed, str(scratch / name), start,
+                               min(CHUNK_ITEMS, total - start)): (name, start)
+                   for start in range(0, total, CHUNK_ITEMS) for name in config.benchmarks}
+        for fut in as_completed(futures):
+            name, start = futures[fut]
+            parts[name][start] = fut.result()
+            done[name] += len(parts[name][start])
+            if progress:
+                progress(done[name], total, f"generate {name}")
+    return {name: [x for start in sorted(chunks) for x in chunks[start]] for name, chunks in parts.items()}
+
+
 def _generate_benchmark(name: str, config: SuiteConfig, scratch: Path, claimed: dict[tuple[str, str], str],
-                        progress: ProgressFn | None) -> tuple[list[Item], dict[str, dict], list[tuple[str, str]]]:
+                        progress: ProgressFn | None, first: list[tuple[Item, dict]] | None = None
+                        ) -> tuple[list[Item], dict[str, dict], list[tuple[str, str]]]:
     """Fill test, val, train (in that order) from the benchmark's item stream, dropping
-    duplicates. Returns (items with split set, side table, dropped)."""
+    duplicates (`first`: its first batch, already generated). Returns (items with split set,
+    side table, dropped)."""
     module = benchmark_module(name)
     need = config.per_split()
     total = sum(need.values())
@@ -294,7 +332,10 @@ def _generate_benchmark(name: str, config: SuiteConfig, scratch: Path, claimed: 
             if progress:
                 progress(min(total, _d0 + done), total, _stage)
 
-        generated = module.generate_with_meta(batch, config.seed, image_dir, start=start, progress=report)
+        if start == 0 and first is not None:
+            generated = first
+        else:
+            generated = module.generate_with_meta(batch, config.seed, image_dir, start=start, progress=report)
         for item, item_meta in generated:
             todo = [s for s in FILL_ORDER if len(accepted[s]) < need[s]]
             if not todo:
@@ -404,7 +445,7 @@ def _put_json(objects: ObjectStore, key: str, obj: Any) -> None:
 
 def build_suite(config: SuiteConfig | None = None, home: str | Path | None = None,
                 object_store: str | Path | ObjectStore | None = None, *, progress: ProgressFn | None = None,
-                store: Any = None, reuse: bool = True) -> SuiteBuild:
+                store: Any = None, reuse: bool = True, workers: int | None = None) -> SuiteBuild:
     """Generate the suite, check it, store it (object store + local images) and return it.
 
     `home`: the Maestro home ($MAESTRO_HOME or ./.maestro when None). `object_store`: where the
@@ -412,7 +453,9 @@ def build_suite(config: SuiteConfig | None = None, home: str | Path | None = Non
     `store`: optional `Store`; dropped duplicates are recorded in its quarantine.
     `reuse`: when this config was already built by the same code, load it instead of
     generating again. Idempotent: the same config gives the same version and nothing is
-    written twice.
+    written twice. `workers`: processes that generate the benchmarks' first batches (the same
+    items and version as 1, which generates in process); None: the cores (at most 4), or 1 for
+    a suite under PARALLEL_MIN_ITEMS items.
     """
     t0 = time.monotonic()
     config = config or SuiteConfig()
@@ -442,8 +485,13 @@ def build_suite(config: SuiteConfig | None = None, home: str | Path | None = Non
         items: list[Item] = []
         meta: dict[str, dict] = {}
         dropped: list[tuple[str, str]] = []
+        if workers is None:
+            n_items = sum(config.per_split().values()) * len(config.benchmarks)
+            workers = min(os.cpu_count() or 1, 4) if n_items >= PARALLEL_MIN_ITEMS else 1
+        first = _first_batches(config, scratch, workers, progress) if workers > 1 else {}
         for name in config.benchmarks:
-            b_items, b_meta, b_dropped = _generate_benchmark(name, config, scratch, claimed, progress)
+            b_items, b_meta, b_dropped = _generate_benchmark(name, config, scratch, claimed, progress,
+                                                             first.pop(name, None))
             items += b_items
             meta.update(b_meta)
             dropped += b_dropped

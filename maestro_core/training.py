@@ -28,7 +28,7 @@ from maestro_core.cache import ExpertCache
 from maestro_core.dataset import Item
 from maestro_core.episode import EpisodeConfig, EpisodeRunner
 from maestro_core.errors import ConfigError
-from maestro_core.grpo import GRPOSettings, grpo_update
+from maestro_core.grpo import GRPOSettings, grpo_update, shared_prefix_token_logps
 from maestro_core.protocol import ANSWER_FROM
 from maestro_core.question_noise import QuestionNoise
 from maestro_core.registry import IMAGE_ROUTING, Registry
@@ -408,13 +408,18 @@ def pretrain_reader(model, tokenizer, examples: Sequence[tuple[str, str]], *, st
             p, q = enc[k]
             batch.append(p + [q[rng.randrange(len(q))]])
             where.append(spans[k])
-        ids, att = _right_padded(batch, pad)
         # the next-token loss at each row's last position only: logits for that position alone
-        # (the whole sequence's would be batch x length x vocabulary, large for a pretrained vocabulary)
-        out = model(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1)
-        h = out.hidden_states[-1][torch.arange(len(batch)), torch.tensor([len(b) - 2 for b in batch])]
-        loss = torch.nn.functional.cross_entropy(model.get_output_embeddings()(h).float(),
-                                                 torch.tensor([b[-1] for b in batch]))
+        # (the whole sequence's would be batch x length x vocabulary, large for a pretrained vocabulary);
+        # the system prompt every row shares runs once (shared_prefix_token_logps), else each row whole
+        shared = shared_prefix_token_logps(model, *_left_padded(batch, pad), 1, 1.0)
+        if shared is not None:
+            loss = -shared[0][:, 0].mean()
+        else:
+            ids, att = _right_padded(batch, pad)
+            out = model(input_ids=ids, attention_mask=att, output_hidden_states=True, logits_to_keep=1)
+            h = out.hidden_states[-1][torch.arange(len(batch)), torch.tensor([len(b) - 2 for b in batch])]
+            loss = torch.nn.functional.cross_entropy(model.get_output_embeddings()(h).float(),
+                                                     torch.tensor([b[-1] for b in batch]))
         if contrast > 0:
             loss = loss + contrast * _contrast_loss(model, [b[:-1] for b in batch], pad, rng, where, pool)
         opt.zero_grad()
@@ -489,6 +494,19 @@ class ContrastRegulariser:
         self.opt.zero_grad(set_to_none=True)
         self.model.train(was_training)
         return sum(losses) / len(losses)
+
+
+def _left_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:
+    """input_ids and attention_mask of token lists padded on the left (last tokens aligned)."""
+    import torch
+
+    n = max(len(v) for v in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, v in enumerate(seqs):
+        ids[i, n - len(v):] = torch.tensor(v)
+        att[i, n - len(v):] = 1
+    return ids, att
 
 
 def _right_padded(seqs: Sequence[list[int]], pad: int) -> tuple[Any, Any]:

@@ -651,3 +651,87 @@ def test_scoring_only_the_policy_tokens_gives_the_same_update(tok, tmp_path, mon
     assert all(n < total for n, total in calls)  # observation tokens were left out
     for a, b in zip(params[False], params[True]):  # float noise only (Adam's steps are ~1e-3 here: a wrong
         assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())  # position or token shows)
+
+
+class SystemToy(Toy):
+    """Toy episodes whose prompts open with a system message every item shares (as the registry
+    catalogue does)."""
+
+    SYSTEM = "pick the expert for task 7: route item 3, observation result ok. " * 2
+
+    def prompt_ids(self, item: int) -> list[int]:
+        msgs = [{"role": "system", "content": self.SYSTEM}, {"role": "user", "content": f"route item {item * 7}"}]
+        return list(self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
+
+
+def test_the_shared_prompt_prefix_scores_like_every_row_alone(tok):
+    """shared_prefix_token_logps on left-padded prompts that share a system prefix and right-padded
+    completions: the log-probs, entropies and gradients of scoring each row whole; a mask limits
+    the scored tokens; rows that share too little, or that are not contiguous, are declined."""
+    from maestro_core.grpo import SHARED_PREFIX_MIN, policy_token_logps, shared_prefix_token_logps
+
+    toy = SystemToy(tok, make_model(tok))
+    prompts = [toy.prompt_ids(i) for i in (1, 2, 13)]
+    completions = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    assert len(os.path.commonprefix(prompts)) >= SHARED_PREFIX_MIN
+    P, n = max(map(len, prompts)), max(map(len, completions))
+    ids = torch.full((3, P + n), tok.pad_token_id)
+    att = torch.zeros((3, P + n), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p):P], att[i, P - len(p):P] = torch.tensor(p), 1
+        ids[i, P:P + len(c)], att[i, P:P + len(c)] = torch.tensor(c), 1
+    model = make_model(tok, tied=False).train()
+
+    def run(fn, *args):
+        model.zero_grad()
+        logps, ent = fn(*args)
+        (logps.sum() + ent.sum()).backward()
+        return logps.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want = run(policy_token_logps, model, ids, att, att[:, -n:].bool(), 1.5, True)
+    got = run(shared_prefix_token_logps, model, ids, att, n, 1.5, None, True)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+    assert (got[0][att[:, -n:] == 0] == 0).all() and (got[0][att[:, -n:] == 1] < 0).all()
+    for a, b in zip(got[2], want[2]):
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    only = torch.zeros((3, n), dtype=torch.bool)
+    only[:, 1] = True
+    masked, _ = shared_prefix_token_logps(model, ids, att, n, 1.5, only)
+    assert torch.allclose(masked[:, 1], want[0][:, 1], atol=1e-5) and (masked[:, [0, 2, 3, 4]] == 0).all()
+    short = [toy.__class__.__mro__[1].prompt_ids(toy, i) for i in (1, 2)]  # the plain toy: a few shared tokens
+    ids2 = torch.tensor([short[0] + [5], short[1] + [6]])
+    assert shared_prefix_token_logps(model, ids2, torch.ones_like(ids2), 1, 1.0) is None
+    holed = att.clone()
+    holed[0, P - 3] = 0
+    assert shared_prefix_token_logps(model, ids, holed, n, 1.0) is None
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_an_update_with_the_shared_prompt_prefix_is_the_one_trl_gives(tok, tmp_path, monkeypatch, mu):
+    """share_prompt_prefix: every scoring pass of the update runs the shared system prefix once,
+    and the weights after the update are those of TRL's own scoring (float noise only)."""
+    import maestro_core.grpo as grpo
+    from maestro_core.grpo import GRPOUpdater
+
+    calls = []
+    real = grpo.shared_prefix_token_logps
+
+    def counted(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(grpo, "shared_prefix_token_logps", counted)
+    trajs = SystemToy(tok, make_model(tok)).collect(0, range(K), 4)
+    params = {}
+    for share in (False, True):
+        model = make_model(tok)
+        settings = _cpu(num_generations=4, per_device_train_batch_size=8, learning_rate=1e-3, num_iterations=mu,
+                        share_prompt_prefix=share)
+        res = GRPOUpdater(model, tok, settings, str(tmp_path / str(share)), len(trajs)).update(trajs)
+        assert res.params_changed
+        params[share] = [p.detach().clone() for p in model.parameters()]
+        assert bool(calls) == share and all(calls)
+    for a, b in zip(params[False], params[True]):
+        assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())

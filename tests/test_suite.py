@@ -149,6 +149,21 @@ def test_version_is_stable_and_rebuilding_writes_nothing_new(built, tmp_path):
     assert load_suite(tmp_path / "other-home")[0].id == other_seed.items[0].id  # LATEST follows the last build
 
 
+def test_worker_processes_build_the_same_suite_as_one_process(built, tmp_path, monkeypatch):
+    """The first batches generated in 2 spawned workers, in chunks of 3 items, give the items,
+    image bytes and version of the in-process build, and progress reaches each benchmark's total."""
+    import maestro_core.suite as suite
+
+    home, build, _ = built
+    monkeypatch.setattr(suite, "CHUNK_ITEMS", 3)
+    calls = []
+    par = build_suite(SMALL, tmp_path / "par", workers=2, progress=lambda d, t, stage: calls.append((d, t, stage)))
+    assert not par.reused and par.version == build.version and _content(par.items) == _content(build.items)
+    total = sum(SMALL.per_split().values())
+    for name in SMALL.benchmarks:
+        assert (total, total, f"generate {name}") in calls
+
+
 def test_load_suite_round_trip(built, tmp_path):
     home, build, _ = built
     assert load_suite(home) == list(build.items)

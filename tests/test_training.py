@@ -159,6 +159,38 @@ def test_label_free_warm_up_makes_the_action_position_read_the_question():
     assert separation(150) > 2 * separation(0)
 
 
+def test_the_warm_up_runs_the_shared_system_prompt_once_with_the_same_steps(monkeypatch):
+    """pretrain_reader scores its batches with the system prompt every row shares run once
+    (shared_prefix_token_logps): the losses and weights of scoring each row whole."""
+    import copy
+
+    import torch
+
+    import maestro_core.training as training
+    from maestro_core.episode import build_messages
+    from maestro_core.training import build_policy, pretrain_reader, warmup_examples
+
+    reg = parse_registry(__import__("tests.conftest", fromlist=["BASE_REGISTRY"]).BASE_REGISTRY)
+    items = _four_kinds()
+    cfg = TrainConfig(hidden=64, layers=2, heads=2, vocab_size=512, pretrain_steps=0, seed=1)
+    msgs = [build_messages(reg, it, compact=True) for it in items]
+    model, tok, _ = build_policy(reg, [it.question for it in items], cfg, messages=msgs)
+    examples = warmup_examples(tok, msgs)
+    shared_calls = []
+    real = training.shared_prefix_token_logps
+    runs = {}
+    for share in (True, False):
+        monkeypatch.setattr(training, "shared_prefix_token_logps",
+                            (lambda *a: shared_calls.append(real(*a)) or shared_calls[-1]) if share else
+                            (lambda *a: None))
+        m = copy.deepcopy(model)
+        runs[share] = (pretrain_reader(m, tok, examples, steps=5, seed=3), list(m.parameters()))
+    assert len(shared_calls) == 5 and all(r is not None for r in shared_calls)
+    assert torch.allclose(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), atol=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
 def test_contrastive_warm_up_keeps_the_kinds_apart_at_the_action_position():
     """pretrain_contrast: with the contrastive term the first action's states of four kinds of
     question share less (the mean cosine between the kinds' centroids is lower) than with word
