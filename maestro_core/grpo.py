@@ -698,8 +698,15 @@ def policy_token_logps(model: Any, input_ids: Any, attention_mask: Any, mask: An
     n = mask.size(1)
     states = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state[:, -n - 1:-1]  # position t predicts t + 1
-    logp = (model.get_output_embeddings()(states[mask]).float() / temperature).log_softmax(-1)
-    picked = logp.gather(-1, input_ids[:, -n:][mask].unsqueeze(-1)).squeeze(-1)
+    return _scored(model, states[mask], input_ids[:, -n:], mask, temperature, compute_entropy)
+
+
+def _scored(model: Any, states: Any, targets: Any, mask: Any, temperature: float,
+            compute_entropy: bool) -> tuple[Any, Any]:
+    """Log-probs (and entropies) of `targets` where `mask` is True, from `states` (one row per
+    True position, in order) through the output layer at `temperature`; 0 elsewhere."""
+    logp = (model.get_output_embeddings()(states).float() / temperature).log_softmax(-1)
+    picked = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     logps = picked.new_zeros(mask.shape).masked_scatter(mask, picked)
     entropies = None
     if compute_entropy:
@@ -758,14 +765,7 @@ def shared_prefix_token_logps(model: Any, input_ids: Any, attention_mask: Any, n
     where = (T - n + cols)[None, :] - lead[:, None] - 1 - P
     sel = am[:, -n:] if mask is None else am[:, -n:] & mask.bool()
     picked_states = states[torch.arange(B)[:, None].expand(B, n)[sel], where[sel]]
-    logp = (model.get_output_embeddings()(picked_states).float() / temperature).log_softmax(-1)
-    picked = logp.gather(-1, input_ids[:, -n:][sel].unsqueeze(-1)).squeeze(-1)
-    logps = picked.new_zeros(sel.shape).masked_scatter(sel, picked)
-    entropies = None
-    if compute_entropy:
-        ent = -(logp.exp() * logp).sum(-1)
-        entropies = ent.new_zeros(sel.shape).masked_scatter(sel, ent)
-    return logps, entropies
+    return _scored(model, picked_states, input_ids[:, -n:], sel, temperature, compute_entropy)
 
 
 @functools.cache

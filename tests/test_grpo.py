@@ -623,12 +623,21 @@ def test_the_freeze_holds_with_objects_frozen_before_and_none_stay_frozen_after(
         gc.unfreeze()
 
 
+def _params_after_update(tok, trajs, out, mu, **settings) -> list:
+    """The weights of a fresh toy model after one GRPO update on `trajs` (they must change)."""
+    from maestro_core.grpo import GRPOUpdater
+
+    model = make_model(tok)
+    cfg = _cpu(num_generations=4, per_device_train_batch_size=8, learning_rate=1e-3, num_iterations=mu, **settings)
+    assert GRPOUpdater(model, tok, cfg, str(out), len(trajs)).update(trajs).params_changed
+    return [p.detach().clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("mu", [1, 2])
 def test_scoring_only_the_policy_tokens_gives_the_same_update(tok, tmp_path, monkeypatch, mu):
     """score_policy_tokens_only: the loss pass projects onto the vocabulary only the tokens the
     loss reads (policy_token_logps), and the update is the one TRL's full scoring gives."""
     import maestro_core.grpo as grpo
-    from maestro_core.grpo import GRPOUpdater
 
     calls = []
     real = grpo.policy_token_logps
@@ -641,12 +650,7 @@ def test_scoring_only_the_policy_tokens_gives_the_same_update(tok, tmp_path, mon
     trajs = Toy(tok, make_model(tok)).collect(0, range(K), 4)
     params = {}
     for only in (False, True):
-        model = make_model(tok)
-        settings = _cpu(num_generations=4, per_device_train_batch_size=8, learning_rate=1e-3, num_iterations=mu,
-                        score_policy_tokens_only=only)
-        res = GRPOUpdater(model, tok, settings, str(tmp_path / str(only)), len(trajs)).update(trajs)
-        assert res.params_changed
-        params[only] = [p.detach().clone() for p in model.parameters()]
+        params[only] = _params_after_update(tok, trajs, tmp_path / str(only), mu, score_policy_tokens_only=only)
         assert bool(calls) == only  # the full scoring without the setting, the masked one with it
     assert all(n < total for n, total in calls)  # observation tokens were left out
     for a, b in zip(params[False], params[True]):  # float noise only (Adam's steps are ~1e-3 here: a wrong
@@ -712,7 +716,6 @@ def test_an_update_with_the_shared_prompt_prefix_is_the_one_trl_gives(tok, tmp_p
     """share_prompt_prefix: every scoring pass of the update runs the shared system prefix once,
     and the weights after the update are those of TRL's own scoring (float noise only)."""
     import maestro_core.grpo as grpo
-    from maestro_core.grpo import GRPOUpdater
 
     calls = []
     real = grpo.shared_prefix_token_logps
@@ -726,12 +729,7 @@ def test_an_update_with_the_shared_prompt_prefix_is_the_one_trl_gives(tok, tmp_p
     trajs = SystemToy(tok, make_model(tok)).collect(0, range(K), 4)
     params = {}
     for share in (False, True):
-        model = make_model(tok)
-        settings = _cpu(num_generations=4, per_device_train_batch_size=8, learning_rate=1e-3, num_iterations=mu,
-                        share_prompt_prefix=share)
-        res = GRPOUpdater(model, tok, settings, str(tmp_path / str(share)), len(trajs)).update(trajs)
-        assert res.params_changed
-        params[share] = [p.detach().clone() for p in model.parameters()]
+        params[share] = _params_after_update(tok, trajs, tmp_path / str(share), mu, share_prompt_prefix=share)
         assert bool(calls) == share and all(calls)
     for a, b in zip(params[False], params[True]):
         assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())
