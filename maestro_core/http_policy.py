@@ -106,7 +106,7 @@ import httpx
 from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.errors import ConfigError, ExpertError, ExpertHTTPError, ExpertReplyError, ExpertTimeout
 from maestro_core.policy import EpisodeView, PolicyTurn
-from maestro_core.registry import IMAGE_ROUTING, ActionGrammar, Registry
+from maestro_core.registry import ActionGrammar, Registry, check_image_routing
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +204,7 @@ class OpenAIPolicy:
                               field="actions", fix=f"use a non-empty subset of {list(every)}.")
         self.free_input = free_input
         self.regex = ActionGrammar(self.actions).regex(free_input)
-        if image_routing not in IMAGE_ROUTING:
-            raise ConfigError(f"image_routing '{image_routing}' is unknown.", field="image_routing",
-                              fix=f"use one of {list(IMAGE_ROUTING)}.")
-        self.image_routing = image_routing
+        self.image_routing = check_image_routing(image_routing)
         """Which actions a turn offers given the task's images (Registry.for_images), as LMPolicy."""
         self._api_key_env = api_key_env
         self._api_key: str | None = None

@@ -33,7 +33,7 @@ from maestro_core.constrained import ActionConstraint, TurnState
 from maestro_core.errors import ConfigError
 from maestro_core.policy import EpisodeView, PolicyTurn, information_text
 from maestro_core.protocol import ANSWER_FROM, unescape
-from maestro_core.registry import IMAGE_ROUTING, Registry
+from maestro_core.registry import Registry, check_image_routing
 
 
 @dataclass
@@ -118,10 +118,7 @@ class LMPolicy:
         self._constraint_kw = dict(max_tokens=max_turn_tokens, allow_think=allow_think,
                                    forward_question=forward_question, free_input=free_input, prices=prices)
         self.constraint = ActionConstraint(tokenizer, self.actions, **self._constraint_kw) if constrained else None
-        if image_routing not in IMAGE_ROUTING:
-            raise ConfigError(f"image_routing '{image_routing}' is unknown.", source="LMPolicy", field="image_routing",
-                              fix=f"use one of {list(IMAGE_ROUTING)}.")
-        self.image_routing = image_routing
+        self.image_routing = check_image_routing(image_routing)
         """Which actions a turn offers given the task's images (Registry.for_images): 'any' (all),
         'match' (no image-reading skill on a task without images), 'first' (also: an image task's
         first call goes to a skill that sees its images)."""

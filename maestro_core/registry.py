@@ -43,6 +43,16 @@ IMAGE_ROUTING = ("any", "match", "first")
 """Which actions a policy turn offers given the task's images (Registry.for_images)."""
 
 
+def check_image_routing(routing: str) -> str:
+    """`routing` when it is one of IMAGE_ROUTING, else a ConfigError with the fix."""
+    if routing not in IMAGE_ROUTING:
+        raise ConfigError(f"image_routing '{routing}' is unknown.", field="image_routing",
+                          fix=f"use one of {list(IMAGE_ROUTING)}: 'any' (every action on every turn), 'match' (no "
+                              "image-reading skill without an image) or 'first' (also: an image task's first call "
+                              "goes to a skill that sees its images).")
+    return routing
+
+
 @dataclass(frozen=True)
 class Price:
     """What one call costs, in the registry's currency unit (USD by default)."""
@@ -238,10 +248,7 @@ class Registry:
         first call goes to a skill that sees them ('required' or 'used'): text-only skills
         ('ignored') are offered from the second call on, when an observation has brought
         something they can read. Nothing is narrowed where it would leave no action."""
-        if routing not in IMAGE_ROUTING:
-            raise ConfigError(f"image routing '{routing}' is unknown.", field="image_routing",
-                              fix=f"use one of {list(IMAGE_ROUTING)}.")
-        if routing == "any":
+        if check_image_routing(routing) == "any":
             return tuple(actions)
         use = {a: self.skills[a.split("@@", 1)[1].split("/", 1)[0]].images for a in actions}
         if not has_images:

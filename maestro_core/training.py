@@ -31,7 +31,7 @@ from maestro_core.errors import ConfigError
 from maestro_core.grpo import GRPOSettings, grpo_update, shared_prefix_token_logps
 from maestro_core.protocol import ANSWER_FROM
 from maestro_core.question_noise import QuestionNoise
-from maestro_core.registry import IMAGE_ROUTING, Registry
+from maestro_core.registry import Registry, check_image_routing
 from maestro_core.rewards import RewardConfig
 from maestro_core.trajectory import Trajectory
 
@@ -80,8 +80,8 @@ class TrainConfig:
                 "Registry.for_images): 'any': every action on every turn (the paper's setting); 'match': no "
                 "image-reading skill ('required') on a task without images; 'first' (CPU default): also, on a "
                 "task with images, the first call goes to a skill that sees them, and text-only skills "
-                "('ignored') are offered from the second call on. A text LM asked about a chart it cannot see "
-                "only guesses; on Maestro-Mini such calls were most of the early iterations' expert time."})
+                "('ignored') are offered from the second call on: a text LM asked about a chart it cannot see "
+                "only guesses."})
     pretrain_steps: int = field(default=300, metadata={
         "help": "Label-free warm-up steps before RL (pretrain_reader: the first action's position predicts "
                 "the question's words; no answers, routes or rewards), so the random-init policy reads its "
@@ -215,9 +215,7 @@ class TrainConfig:
             raise ConfigError(f"answer_from 'last' with max_turns {self.max_turns}: an episode has one call, so it "
                               "answers from that call either way.", field="answer_from",
                               fix="set max_turns: 3 (call, call again or answer, answer), or leave answer_from out.")
-        if self.image_routing not in IMAGE_ROUTING:
-            raise ConfigError(f"image_routing '{self.image_routing}' is unknown.", field="image_routing",
-                              fix=f"use one of {list(IMAGE_ROUTING)}.")
+        check_image_routing(self.image_routing)
         if self.call_input not in ("question", "free"):
             raise ConfigError(f"call_input '{self.call_input}' is unknown.", field="call_input",
                               fix="use 'question' or 'free'.")
