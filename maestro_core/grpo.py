@@ -670,7 +670,9 @@ def _make_trainer(settings: GRPOSettings, tokenizer: Any, **kw: Any) -> Any:
     trainer.negative_advantage_scale = settings.negative_advantage_scale
     trainer.propensity_cap = settings.propensity_cap
     trainer.score_policy_tokens_only = settings.score_policy_tokens_only and settings.lora_config() is None
-    trainer.share_prompt_prefix = settings.share_prompt_prefix and settings.lora_config() is None
+    # a text-only learner: a vision-language one's forward takes the pixels with the whole row
+    trainer.share_prompt_prefix = (settings.share_prompt_prefix and settings.lora_config() is None
+                                   and not isinstance(trainer, _vlm_trainer_class()))
     _quiet(trainer)
     return trainer
 
