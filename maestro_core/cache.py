@@ -64,12 +64,9 @@ class ExpertCache:
                                      for st in solver.steps]],
             "requires": sorted(skill.requires),
             "input": call.input,
-            "images": [self.image_hash(p) for p in images],
+            "images": [image_digest(p) for p in images],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-    def image_hash(self, path: str | Path) -> str:
-        return image_digest(path)
 
     # -- lookups --------------------------------------------------------------------------
     def get(self, key: str) -> SkillResult | None:

@@ -741,11 +741,10 @@ def shared_prefix_token_logps(model: Any, input_ids: Any, attention_mask: Any, n
     if not bool((am == ((pos >= lead[:, None]) & (pos < (lead + length)[:, None]))).all()):
         return None
     prompt_len = (T - n) - lead  # each row's prompt tokens
-    first = input_ids[0, lead[0]:lead[0] + prompt_len.min()]
     P = int(prompt_len.min()) - 1  # at least one prompt token runs per row: its state predicts the first completion token
+    first = input_ids[0, lead[0]:lead[0] + P]
     for i in range(1, B):
-        row = input_ids[i, lead[i]:lead[i] + P]
-        diff = (row != first[:P]).nonzero()
+        diff = (input_ids[i, lead[i]:lead[i] + P] != first[:P]).nonzero()
         if len(diff):
             P = int(diff[0])
     if P < SHARED_PREFIX_MIN:

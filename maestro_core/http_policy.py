@@ -105,7 +105,7 @@ import httpx
 
 from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.errors import ConfigError, ExpertError, ExpertHTTPError, ExpertReplyError, ExpertTimeout
-from maestro_core.policy import EpisodeView, PolicyTurn
+from maestro_core.policy import EpisodeView, PolicyTurn, offered_actions
 from maestro_core.registry import ActionGrammar, Registry, check_image_routing
 
 log = logging.getLogger(__name__)
@@ -264,12 +264,7 @@ class OpenAIPolicy:
         last = view is not None and view.max_turns > 0 and view.turn >= view.max_turns - 1
         if last and self.answer_on_last_turn:
             return ANSWER_ONLY_REGEX
-        if view is None:
-            return self.regex
-        # only the calls the task's images allow and the budget left can pay for (none: answer)
-        ok = self.registry.for_images(self.actions, self.image_routing, has_images=bool(view.images),
-                                      first_call=view.turn == 0)
-        ok = self.registry.affordable(ok, view.budget_left)
+        ok = offered_actions(self.registry, self.actions, self.image_routing, view)  # none: answer
         if ok != self.actions:
             return ActionGrammar(ok).regex(self.free_input) if ok else ANSWER_ONLY_REGEX
         return self.regex

@@ -31,7 +31,7 @@ import torch
 from maestro_core.chat_encoding import ChatEncoder
 from maestro_core.constrained import ActionConstraint, TurnState
 from maestro_core.errors import ConfigError
-from maestro_core.policy import EpisodeView, PolicyTurn, information_text
+from maestro_core.policy import EpisodeView, PolicyTurn, information_text, offered_actions
 from maestro_core.protocol import ANSWER_FROM, unescape
 from maestro_core.registry import Registry, check_image_routing
 
@@ -188,11 +188,7 @@ class LMPolicy:
         (image_routing, Registry.for_images) that the budget left can pay for (Registry.
         affordable); one grammar per distinct set, cached; (grammar, True) when no call is
         offered (the turn must answer)."""
-        ok = self.actions
-        if view is not None:
-            ok = self.registry.for_images(ok, self.image_routing, has_images=bool(view.images),
-                                          first_call=view.turn == 0)
-            ok = self.registry.affordable(ok, view.budget_left)
+        ok = offered_actions(self.registry, self.actions, self.image_routing, view)
         if ok == self.actions:
             return self.constraint, False
         if not ok:

@@ -49,6 +49,17 @@ class EpisodeView:
     question is (a vision-language policy reads them; never the answer)."""
 
 
+def offered_actions(registry, actions: Sequence[str], image_routing: str, view: EpisodeView | None
+                    ) -> tuple[str, ...]:
+    """The actions a constrained turn offers: those the task's images allow (`image_routing`,
+    Registry.for_images) that the budget left can pay for (Registry.affordable); all of
+    `actions` without a view."""
+    if view is None:
+        return tuple(actions)
+    ok = registry.for_images(actions, image_routing, has_images=bool(view.images), first_call=view.turn == 0)
+    return registry.affordable(ok, view.budget_left)
+
+
 @runtime_checkable
 class Policy(Protocol):
     checkpoint_id: str

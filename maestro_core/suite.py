@@ -286,7 +286,6 @@ def _first_batches(config: SuiteConfig, scratch: Path, workers: int,
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     total = sum(config.per_split().values())
-    done = {name: 0 for name in config.benchmarks}
     parts: dict[str, dict[int, list]] = {name: {} for name in config.benchmarks}
     # spawned, not forked: the caller may run threads (Prefect, the store), which a fork copies mid-state
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -296,9 +295,8 @@ def _first_batches(config: SuiteConfig, scratch: Path, workers: int,
         for fut in as_completed(futures):
             name, start = futures[fut]
             parts[name][start] = fut.result()
-            done[name] += len(parts[name][start])
             if progress:
-                progress(done[name], total, f"generate {name}")
+                progress(sum(map(len, parts[name].values())), total, f"generate {name}")
     return {name: [x for start in sorted(chunks) for x in chunks[start]] for name, chunks in parts.items()}
 
 
