@@ -677,7 +677,7 @@ def ensure_suite(store: Any, config: SuiteConfig | None = None, *, log: Callable
             if isinstance(e, ContaminationError) or "no Maestro-Mini dataset" not in str(e):
                 raise
     if log:
-        log("building the Maestro-Mini suite (first use; takes about a minute)...")
+        log("building the Maestro-Mini suite (first use; about 30 s on 2 cores)...")
     res = build_suite(config or SuiteConfig(), store.home, store.objects, progress=progress, store=store)
     if log:
         log(f"suite version {res.version}: " + ", ".join(f"{k} {v}" for k, v in res.counts.items()))
