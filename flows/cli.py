@@ -273,7 +273,7 @@ def _train(args) -> int:
     pcfg = build(PolicyConfig, cfg.section("policy"), source=cfg.source, section="policy")
     registry = load_registry(cfg.registry or DEFAULT_REGISTRY)
     with Store(args.home or cfg.home) as store:
-        run_id, out = choose_run(store, tcfg, args.run_id, fresh=args.fresh, policy=pcfg)
+        run_id, out = choose_run(store, tcfg, args.run_id, fresh=args.fresh, policy=pcfg, log=print)
         store.record_registry(registry)
         suite = ensure_suite(store, log=print)
         train = [it for it in suite if it.split == "train"]

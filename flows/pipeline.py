@@ -84,7 +84,8 @@ def train_orchestrator(config_path: str | None = None, iterations: int | None = 
         suite = load_suite(store.home, dataset["version"], object_store=store.objects)
         train = [it for it in suite if it.split == "train"]
         val = [it for it in suite if it.split == "val"]
-        run_id, out_dir = choose_run(store, tcfg, run_id, fresh=fresh, registry_version=reg.version, policy=pcfg)
+        run_id, out_dir = choose_run(store, tcfg, run_id, fresh=fresh, registry_version=reg.version, policy=pcfg,
+                                     log=run_log)
         run_log(f"training run {run_id}: {tcfg.iterations} iterations x {tcfg.prompts_per_iteration} items x "
                 f"{tcfg.grpo.num_generations} episodes; outputs in {out_dir}")
         run = open_training_run(reg, train, val, store=store, experts=build_experts(reg), config=tcfg,

@@ -1098,11 +1098,13 @@ def served_section(policy) -> dict | None:
 
 
 def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: bool = False,
-               out_dir: Path | None = None, registry_version: str | None = None, policy=None) -> tuple[str, Path]:
+               out_dir: Path | None = None, registry_version: str | None = None, policy=None,
+               log: Callable[[str], None] | None = None) -> tuple[str, Path]:
     """The run to train and its folder. Resume by default: without `run_id`, the newest
     unfinished training run with the same train config and `policy:` section (and registry
-    version, when given) goes on. `fresh`: a new run, or `run_id`'s folder, stored checkpoints,
-    rollout shards and episodes deleted first."""
+    version, when given) goes on. When none matches but an unfinished run exists, `log` says
+    which it is, why it was not resumed, and how to resume it. `fresh`: a new run, or
+    `run_id`'s folder, stored checkpoints, rollout shards and episodes deleted first."""
     import shutil
 
     from maestro_core.checkpoints import PREFIX
@@ -1111,11 +1113,13 @@ def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: 
     if run_id is None and not fresh:
         same = json.loads(json.dumps(asdict(config), default=str))
         same_policy = served_section(policy)
-        open_runs = [r for r in store.runs("train") if r["status"] != "completed"
-                     and (r.get("config") or {}).get("config") == same
+        unfinished = [r for r in store.runs("train") if r["status"] != "completed"]
+        open_runs = [r for r in unfinished if (r.get("config") or {}).get("config") == same
                      and (r.get("config") or {}).get("policy") == same_policy
                      and (registry_version is None or r.get("registry_version") == registry_version)]
         run_id = open_runs[-1]["run_id"] if open_runs else None
+        if run_id is None and unfinished and log:
+            log(unresumed_run_note(unfinished[-1], same, same_policy, registry_version))
     run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out_dir) if out_dir else store.home / "runs" / run_id
     if fresh:  # checkpoints, rollout shards and stored episodes: a rerun must not reuse another model's rollouts
@@ -1124,6 +1128,21 @@ def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: 
             store.objects.delete(key)
         store.delete_episodes(run_id)
     return run_id, out
+
+
+def unresumed_run_note(run: Mapping[str, Any], config: Mapping[str, Any], policy_section: Any,
+                       registry_version: str | None) -> str:
+    """Why the unfinished training run `run` (a store.runs row) does not resume under `config`
+    (a stored train config) and `policy_section`, and how to resume it anyway."""
+    stored = run.get("config") or {}
+    why = config_changes(stored.get("config") or {}, config)
+    if stored.get("policy") != policy_section:
+        why.append("the policy: section")
+    if registry_version is not None and run.get("registry_version") != registry_version:
+        why.append(f"registry version {run.get('registry_version')} -> {registry_version}")
+    return (f"unfinished run {run['run_id']} is not resumed: this run's settings differ from it ("
+            + "; ".join(why or ["its stored config"]) + f"). Starting a new run; to go on with "
+            f"{run['run_id']} instead, pass --run-id {run['run_id']} (the new values apply from its next iteration).")
 
 
 def data_version(items: Sequence[Item]) -> str:

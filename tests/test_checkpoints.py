@@ -210,3 +210,29 @@ def test_a_learned_chunk_policy_takes_its_exploration_from_the_spec(tmp_path):
     assert (pol.explore, pol.explore_within) == (0.3, 0.011)
     pol = build_policy({"kind": "learned", "checkpoint": str(path)}, reg)
     assert (pol.explore, pol.explore_within) == (0.0, None)
+
+
+def test_an_unfinished_run_that_does_not_resume_is_named_with_why(tmp_path):
+    """A config with a changed setting starts a new run; the unfinished one is named, with the
+    settings that differ and the --run-id that resumes it, and nothing is said when it matches."""
+    import json
+    from dataclasses import asdict
+
+    from maestro_core.store import Store
+    from maestro_core.training import TrainConfig, choose_run
+
+    old = TrainConfig(iterations=2, image_routing="any")
+    new = TrainConfig(iterations=2)
+    lines: list[str] = []
+    with Store(tmp_path / "home") as store:
+        store.record_run("r-old", "train", {"config": json.loads(json.dumps(asdict(old), default=str)),
+                                            "policy": None}, "v1", status="running")
+        assert choose_run(store, new, log=lines.append)[0] != "r-old"
+        assert len(lines) == 1
+        assert "unfinished run r-old is not resumed" in lines[0]
+        assert "image_routing 'any' -> 'first'" in lines[0] and "--run-id r-old" in lines[0]
+        lines.clear()
+        assert choose_run(store, new, registry_version="v2", log=lines.append)[0] != "r-old"
+        assert "registry version v1 -> v2" in lines[0]
+        lines.clear()
+        assert choose_run(store, old, registry_version="v1", log=lines.append)[0] == "r-old" and lines == []
