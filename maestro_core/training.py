@@ -1114,12 +1114,14 @@ def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: 
         same = json.loads(json.dumps(asdict(config), default=str))
         same_policy = served_section(policy)
         unfinished = [r for r in store.runs("train") if r["status"] != "completed"]
-        open_runs = [r for r in unfinished if (r.get("config") or {}).get("config") == same
-                     and (r.get("config") or {}).get("policy") == same_policy
-                     and (registry_version is None or r.get("registry_version") == registry_version)]
+        why = [resume_mismatch(r, same, same_policy, registry_version) for r in unfinished]
+        open_runs = [r for r, w in zip(unfinished, why) if not w]
         run_id = open_runs[-1]["run_id"] if open_runs else None
         if run_id is None and unfinished and log:
-            log(unresumed_run_note(unfinished[-1], same, same_policy, registry_version))
+            last = unfinished[-1]["run_id"]
+            log(f"unfinished run {last} is not resumed: this run's settings differ from it ("
+                + "; ".join(why[-1]) + f"). Starting a new run; to go on with {last} instead, pass --run-id "
+                f"{last} (the new values apply from its next iteration).")
     run_id = run_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out_dir) if out_dir else store.home / "runs" / run_id
     if fresh:  # checkpoints, rollout shards and stored episodes: a rerun must not reuse another model's rollouts
@@ -1130,19 +1132,19 @@ def choose_run(store, config: TrainConfig, run_id: str | None = None, *, fresh: 
     return run_id, out
 
 
-def unresumed_run_note(run: Mapping[str, Any], config: Mapping[str, Any], policy_section: Any,
-                       registry_version: str | None) -> str:
+def resume_mismatch(run: Mapping[str, Any], config: Mapping[str, Any], policy_section: Any,
+                    registry_version: str | None) -> list[str]:
     """Why the unfinished training run `run` (a store.runs row) does not resume under `config`
-    (a stored train config) and `policy_section`, and how to resume it anyway."""
+    (a stored train config), `policy_section` and `registry_version` (None: any); empty when it does."""
     stored = run.get("config") or {}
-    why = config_changes(stored.get("config") or {}, config)
+    why = []
+    if stored.get("config") != config:
+        why = config_changes(stored.get("config") or {}, config) or ["its stored config"]
     if stored.get("policy") != policy_section:
         why.append("the policy: section")
     if registry_version is not None and run.get("registry_version") != registry_version:
         why.append(f"registry version {run.get('registry_version')} -> {registry_version}")
-    return (f"unfinished run {run['run_id']} is not resumed: this run's settings differ from it ("
-            + "; ".join(why or ["its stored config"]) + f"). Starting a new run; to go on with "
-            f"{run['run_id']} instead, pass --run-id {run['run_id']} (the new values apply from its next iteration).")
+    return why
 
 
 def data_version(items: Sequence[Item]) -> str:
