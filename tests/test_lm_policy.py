@@ -159,6 +159,32 @@ def test_sampling_logprobs_match_a_teacher_forced_pass(reg, tok, model, share_pr
         assert st.done
 
 
+def test_constrained_sampling_draws_over_the_allowed_columns_with_each_row_s_distribution():
+    """_sample draws from the union of the rows' allowed tokens only (its cost no longer grows
+    with the vocabulary); each row still gets its own tokens, at its own probabilities."""
+    from maestro_core.lm_policy import _sample
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 5000
+    mask = torch.zeros(2, vocab, dtype=torch.bool)
+    mask[0, [7, 4000, 4999]] = True
+    mask[1, [3, 7]] = True
+    logits = torch.zeros(2, vocab)
+    logits[0, [7, 4000, 4999]] = torch.tensor([0.0, 1.0, 2.0])
+    logits[1, [3, 7]] = torch.tensor([1.5, 0.0])
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    n = 4000
+    draws = torch.cat([_sample(probs, mask, g) for _ in range(n)], dim=1)
+    assert draws.shape == (2, n)
+    for row in range(2):
+        allowed = mask[row].nonzero().squeeze(1).tolist()
+        assert set(draws[row].tolist()) <= set(allowed)
+        for t in allowed:  # within 4 standard errors of the row's probability
+            p, freq = float(probs[row, t]), float((draws[row] == t).float().mean())
+            assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5, (row, t, freq, p)
+    assert _sample(probs, None, g).shape == (2, 1)  # unconstrained: the whole row
+
+
 async def test_act_returns_parsed_turns_and_unconstrained_policy(reg, tok, model):
     msgs = build_messages(reg, ITEMS[0])
     pol = LMPolicy(model, tok, reg, constrained=False, max_turn_tokens=8)
