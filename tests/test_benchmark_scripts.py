@@ -65,6 +65,12 @@ def test_cache_savings(tmp_path):
     assert r["second_iteration_calls_saved"] > r["within_iteration_calls_saved"]
 
 
+def test_sampling_draw(tmp_path):
+    r = run_small("sampling_draw", tmp_path)
+    assert [row["vocab"] for row in r["rows"]] == [1543, 8233, 49152]
+    assert all(row["whole_row_ms"] > 0 and row["allowed_columns_ms"] > 0 for row in r["rows"])
+
+
 @pytest.mark.slow
 def test_policy_speed(tmp_path):
     r = run_small("policy_speed", tmp_path)
